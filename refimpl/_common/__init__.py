@@ -1,0 +1,13 @@
+"""Helpers shared by every chapter: seeding, backend dispatch, validation, comparison, fixtures,
+timing and tiny datasets. Only what chapters use lives here."""
+from refimpl._common.backend import BACKENDS, resolve_backend, to_numpy
+from refimpl._common.golden import load_golden, save_golden
+from refimpl._common.seed import seed_everything
+from refimpl._common.testing import assert_close, max_errors
+from refimpl._common.timing import time_call
+from refimpl._common.validate import check_finite, check_floating, check_positive
+
+__all__ = [
+    "BACKENDS", "resolve_backend", "to_numpy", "load_golden", "save_golden", "seed_everything",
+    "assert_close", "max_errors", "time_call", "check_finite", "check_floating", "check_positive",
+]

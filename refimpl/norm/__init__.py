@@ -1,0 +1,1 @@
+"""Part "norm": normalization layers and their normalization-free alternatives."""
