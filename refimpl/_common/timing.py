@@ -40,3 +40,56 @@ def time_call(fn: Callable[[], Any], *, repeat: int = 7, number: int | None = No
         times.append((time.perf_counter() - t0) / number)
     times.sort()
     return times[len(times) // 2]
+
+
+def compare_backends(fns: dict[str, Callable[[Any], Any]], make_input: Callable[[int], Any],
+                     sizes: list[int], *, bytes_moved: Callable[[int], float] | None = None,
+                     repeat: int = 5, device: Any = None, progress: bool = False) -> list[dict]:
+    """Time every ``fns[name](make_input(size))`` for each size. Returns one dict per size:
+    ``{"size": n, "<name>_s": seconds, ..., "<name>_GBps": ...}`` (GB/s when ``bytes_moved`` is
+    given). All figures of one table come from one run, so their ratios are meaningful."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for n in tqdm(sizes, desc="sizes", disable=not progress):
+        inp = make_input(n)
+        row: dict[str, float] = {"size": n}
+        for name, fn in fns.items():
+            t = time_call(lambda: fn(inp), repeat=repeat, device=device)
+            row[f"{name}_s"] = t
+            if bytes_moved is not None:
+                row[f"{name}_GBps"] = bytes_moved(n) / t / 1e9
+        rows.append(row)
+    return rows
+
+
+def timing_table(rows: list[dict], reference: str = "numpy") -> str:
+    """A Markdown table of ``compare_backends`` rows: milliseconds per call and the speed-up of each
+    backend over ``reference``."""
+    names = [k[:-2] for k in rows[0] if k.endswith("_s")]
+    head = "| size | " + " | ".join(f"{n} (ms)" for n in names) + " | " + \
+        " | ".join(f"{n} speed-up" for n in names if n != reference) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(names) - (reference in names))]
+    for r in rows:
+        ms = " | ".join(f"{r[n + '_s'] * 1e3:.3f}" for n in names)
+        sp = " | ".join(f"{r[reference + '_s'] / r[n + '_s']:.1f}x" for n in names if n != reference)
+        lines.append(f"| {r['size']} | {ms} | {sp} |")
+    return "\n".join(lines)
+
+
+def loglog_plot(rows: list[dict], ax=None, xlabel: str = "size", title: str | None = None):
+    """Log-log plot of seconds per call against size, one line per backend. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.6))
+    sizes = [r["size"] for r in rows]
+    for name in (k[:-2] for k in rows[0] if k.endswith("_s")):
+        ax.loglog(sizes, [r[name + "_s"] for r in rows], "o-", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds per call")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return ax
