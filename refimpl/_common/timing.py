@@ -48,7 +48,7 @@ def compare_backends(fns: dict[str, Callable[[Any], Any]], make_input: Callable[
     """Time every ``fns[name](make_input(size))`` for each size. Returns one dict per size:
     ``{"size": n, "<name>_s": seconds, ..., "<name>_GBps": ...}`` (GB/s when ``bytes_moved`` is
     given). All figures of one table come from one run, so their ratios are meaningful."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
     rows = []
     for n in tqdm(sizes, desc="sizes", disable=not progress):
