@@ -235,9 +235,9 @@ def _backward_numba_host(dy2, x2, mean, rstd, w):
 # ----------------------------------------------------------------------------- torch path
 def _forward_torch(x2: torch.Tensor, eps: float):
     mu = x2.mean(dim=1, keepdim=True)                                       # (1)
-    var = (x2 - mu).square().mean(dim=1, keepdim=True)                      # (2)
-    rstd = torch.rsqrt(var + eps)
-    return (x2 - mu) * rstd, mu[:, 0], rstd[:, 0]                           # (3)
+    centered = x2 - mu
+    rstd = torch.rsqrt(centered.square().mean(dim=1, keepdim=True) + eps)   # (2)
+    return centered * rstd, mu[:, 0], rstd[:, 0]                            # (3)
 
 
 def _backward_torch(dy2, xhat, rstd, w):
