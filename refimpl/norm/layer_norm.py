@@ -9,8 +9,8 @@ For every example (row) ``a`` of ``H`` summed inputs, with gain ``g`` and bias `
 
 and the hand-derived backward pass, with ``ghat = g * dy`` and ``rstd = 1/sqrt(sigma^2 + eps)``:
 
-    (5) dx_i = rstd * (ghat_i - mean(ghat) - xhat_i * mean(ghat * xhat))
-    (6) dg   = sum over rows of dy * xhat,      db = sum over rows of dy
+    (5) dg   = sum over rows of dy * xhat,      db = sum over rows of dy
+    (6) dx_i = rstd * (ghat_i - mean(ghat) - xhat_i * mean(ghat * xhat))
 
 The statistics of two parts A and B of a row (counts n_A, n_B, means, and sums of squared
 deviations M2) merge exactly (Chan, Golub & LeVeque's parallel form of Welford's update):
@@ -106,8 +106,8 @@ def _backward_numpy(dy2, x2, mean, rstd, w):
     xhat = (x2 - mean[:, None]) * rstd[:, None]
     ghat = dy2 * w                                            # g * dy
     dx = rstd[:, None] * (ghat - ghat.mean(axis=1, keepdims=True)
-                          - xhat * (ghat * xhat).mean(axis=1, keepdims=True))    # (5)
-    return dx, (dy2 * xhat).sum(axis=0), dy2.sum(axis=0)     # (6)
+                          - xhat * (ghat * xhat).mean(axis=1, keepdims=True))    # (6)
+    return dx, (dy2 * xhat).sum(axis=0), dy2.sum(axis=0)     # (5)
 
 
 # ----------------------------------------------------------------------------- numba kernels
@@ -183,7 +183,7 @@ def _forward_numba(x, w, b, eps, y, mean, rstd):
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _backward_numba(dy, x, mean, rstd, w, dx, dw_part, db_part):
-    """dx row by row (eq. 5); dg and db (eq. 6) as one partial sum per block of rows, so that the
+    """dx row by row (eq. 6); dg and db (eq. 5) as one partial sum per block of rows, so that the
     parallel loop never writes to shared memory."""
     n, h = x.shape
     T = x.dtype.type
@@ -243,8 +243,8 @@ def _forward_torch(x2: torch.Tensor, eps: float):
 def _backward_torch(dy2, xhat, rstd, w):
     ghat = dy2 * w if w is not None else dy2
     dx = rstd[:, None] * (ghat - ghat.mean(dim=1, keepdim=True)
-                          - xhat * (ghat * xhat).mean(dim=1, keepdim=True))   # (5)
-    return dx, (dy2 * xhat).sum(dim=0), dy2.sum(dim=0)                      # (6)
+                          - xhat * (ghat * xhat).mean(dim=1, keepdim=True))   # (6)
+    return dx, (dy2 * xhat).sum(dim=0), dy2.sum(dim=0)                      # (5)
 
 
 class LayerNormFunction(torch.autograd.Function):
