@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
@@ -47,6 +46,7 @@ from numba.extending import overload
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating, check_positive
+from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
 
 __all__ = ["bhyt", "bhyt_backward", "bhyt_stats", "bhyt_approx", "bhyt_approx_backward", "bhyt_approx_rstd",
            "attention_variance_scaler", "dyt", "BHyTFunction", "BHyTApproxFunction", "BHyT", "DyT"]
@@ -138,7 +138,6 @@ def _backward_numpy(dy2, x2, w, a, inv_s, dvar, stats: bool):
 # ----------------------------------------------------------------------------- numba kernels
 # Reassociation lets LLVM vectorise the reductions; no `nnan`/`ninf`, so NaN still propagates
 # into the row statistics, where _check_finite_rows finds it.
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _CHUNK = 512
 
 # Eigen's generic_fast_tanh_float: an odd 13/6 rational minimax fit on [-7.905, 7.905].
@@ -264,7 +263,7 @@ def _backward_numba(dy, x, w, a_rows, inv_s, dvar, stats, dx, sux_out, dw_part):
 
 def _backward_numba_host(dy2, x2, w, a, inv_s, dvar, stats: bool):
     n, h = x2.shape
-    nblocks = max(1, min(numba.get_num_threads(), n))
+    nblocks = row_blocks(n, x2.size)
     dx = np.empty_like(x2)
     sux = np.empty(n, dtype=np.float64)
     dw = np.zeros((nblocks, h), dtype=x2.dtype)

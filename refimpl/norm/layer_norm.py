@@ -27,13 +27,13 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating, check_positive
+from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
 
 __all__ = ["layer_norm", "layer_norm_backward", "row_stats", "LayerNormFunction", "LayerNorm"]
 
@@ -113,7 +113,6 @@ def _backward_numpy(dy2, x2, mean, rstd, w):
 # ----------------------------------------------------------------------------- numba kernels
 # Reassociation lets LLVM vectorise the reductions; no `nnan`/`ninf`, so NaN still propagates
 # into the row statistics, where _check_stats finds it.
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
@@ -224,7 +223,7 @@ def _forward_numba_host(x2, w, b, eps):
 
 def _backward_numba_host(dy2, x2, mean, rstd, w):
     n, h = x2.shape
-    nblocks = max(1, min(numba.get_num_threads(), n))
+    nblocks = row_blocks(n, x2.size)
     dx = np.empty_like(x2)
     dw = np.zeros((nblocks, h), dtype=x2.dtype)
     db = np.zeros((nblocks, h), dtype=x2.dtype)

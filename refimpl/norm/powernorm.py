@@ -41,20 +41,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating, check_positive
+from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN, row_blocks
 
 __all__ = ["quadratic_mean", "power_norm", "power_norm_backward", "group_scaling",
            "PowerNormFunction", "PowerNorm"]
 
 # Rows summed in x's dtype before the per-channel partial sums are flushed to float64.
 _CHUNK = 256
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -210,11 +209,10 @@ _SER = dict(cache=True, fastmath=_FASTMATH)
 _qsum_par, _qsum_ser = njit(**_PAR)(_qsum_py), njit(**_SER)(_qsum_py)
 _normalize_par, _normalize_ser = njit(**_PAR)(_normalize_py), njit(**_SER)(_normalize_py)
 _backward_par, _backward_ser = njit(**_PAR)(_backward_py), njit(**_SER)(_backward_py)
-_SERIAL_BELOW = 1 << 18          # elements (1 MiB of float32)
 
 
 def _nblocks(n: int, c: int) -> int:
-    return 1 if n * c < _SERIAL_BELOW else max(1, min(numba.get_num_threads(), n))
+    return row_blocks(n, n * c)
 
 
 def _qmean_numba_host(x2, valid):
@@ -334,7 +332,7 @@ def power_norm(x: Any, weight: Any = None, bias: Any = None, running_psi2: Any =
         y = w * (x2 * r) + b                                                         # (2), (3)
     else:
         y = np.empty_like(x2)
-        (_normalize_ser if x2.size < _SERIAL_BELOW else _normalize_par)(x2, r, w, b, y)
+        (_normalize_ser if x2.size < PARALLEL_MIN else _normalize_par)(x2, r, w, b, y)
     return like_input(y.reshape(x.shape), x), psi2_b
 
 

@@ -44,7 +44,6 @@ import math
 import numbers
 from typing import Any, Callable
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +51,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating
+from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
 
 __all__ = [
     "rezero_update", "rezero_update_backward", "ReZeroFunction", "ReZero",
@@ -64,7 +64,6 @@ _CHUNK = 4096
 # Below this many elements the numba backend runs single-threaded (see _nblocks): on the
 # 2-core CI machine waking a second thread cost more than the whole pass at every size measured.
 _PARALLEL_MIN = 1 << 22
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
 # ----------------------------------------------------------------------------- validation
@@ -170,7 +169,7 @@ def _backward_parallel(g, fx, alpha, dfx, part):
 def _nblocks(n: int) -> int:
     """1 (the serial kernel) below _PARALLEL_MIN elements, where waking threads costs more than
     the pass itself; else one block per thread."""
-    return 1 if n < _PARALLEL_MIN else max(1, numba.get_num_threads())
+    return row_blocks(n, n, _PARALLEL_MIN)
 
 
 def _update_numba_host(x: np.ndarray, fx: np.ndarray, alpha: float) -> np.ndarray:

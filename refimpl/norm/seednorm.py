@@ -48,13 +48,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_finite, check_floating, check_positive
+from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN, row_blocks
 
 __all__ = ["seednorm", "seednorm_backward", "SeeDNormFunction", "SeeDNorm", "dyt", "DyT"]
 
@@ -134,7 +134,6 @@ def _backward_numpy(dy2, x2, alpha, beta, gamma, heads: int, eps: float):
 # ----------------------------------------------------------------------------- numba kernels
 # Reassociation lets LLVM vectorise the reductions; no `nnan`/`ninf`, so NaN and inf still reach
 # the row statistics, where _check_rows finds them.
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
@@ -256,8 +255,6 @@ def _backward_numba_serial(dy, x, alpha, beta, gamma, heads, rstd, t, dx, da_par
         _backward_block(dy, x, alpha, beta, gamma, heads, rstd, t, dx, da_part, db_part, dg_part, u_buf, blk)
 
 
-# Below this many elements the serial kernels run (about 1 MB of float32).
-_PARALLEL_MIN = 1 << 18
 
 
 def _params_numpy(p: Any, dtype) -> np.ndarray:
@@ -269,7 +266,7 @@ def _forward_numba_host(x2, alpha, beta, gamma, heads, eps):
     y = np.empty_like(x2)
     rstd = np.empty(n, dtype=np.float64)
     t = np.empty((n, heads), dtype=np.float64)
-    kernel = _forward_numba if x2.size >= _PARALLEL_MIN else _forward_numba_serial
+    kernel = _forward_numba if x2.size >= PARALLEL_MIN else _forward_numba_serial
     kernel(x2, alpha, beta, gamma, heads, eps, y, rstd, t)
     return y, rstd, t
 
@@ -278,9 +275,9 @@ def _backward_numba_host(dy2, x2, alpha, beta, gamma, heads, eps):
     n, dim = x2.shape
     rstd = np.empty(n, dtype=np.float64)
     t = np.empty((n, heads), dtype=np.float64)
-    parallel = x2.size >= _PARALLEL_MIN
+    parallel = x2.size >= PARALLEL_MIN
     (_stats_numba if parallel else _stats_numba_serial)(x2, beta, heads, eps, rstd, t)
-    nblocks = max(1, min(numba.get_num_threads(), n)) if parallel else 1
+    nblocks = row_blocks(n, x2.size)
     dx = np.empty_like(x2)
     parts = [np.zeros((nblocks, dim), dtype=x2.dtype) for _ in range(3)]
     u_buf = np.empty((nblocks, heads), dtype=x2.dtype)

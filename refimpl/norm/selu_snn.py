@@ -52,6 +52,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating, check_positive
+from refimpl._common.kernels import FASTMATH as _FASTMATH
 
 __all__ = [
     "SELU_ALPHA", "SELU_LAMBDA", "ALPHA_PRIME", "selu", "selu_backward", "SELUFunction", "SELU",
@@ -109,7 +110,6 @@ def _alpha_dropout_numpy(x: np.ndarray, keep: np.ndarray, a: float, b: float, al
 
 
 # ----------------------------------------------------------------------------- numba kernels
-_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _LN2_HI = 0.693145751953125          # ln 2 split so that k * _LN2_HI is exact for |k| < 2^11
 _LN2_LO = 1.42860682030941723212e-6
 _LOG2E = 1.4426950408889634

@@ -13,7 +13,6 @@ Tolerances:
   so float32 is compared at rtol/atol 1e-5 (outputs and grads are O(1)-O(10), softmax and
   matmuls over <= 32 terms carry ~1e-6 relative rounding) and float64 at 1e-12.
 """
-import math
 
 import numpy as np
 import pytest

@@ -80,12 +80,12 @@ def test_backward_matches_autograd(rng, backend, dtype, shape, heads):
 
 
 def test_parallel_kernels_match_reference(rng):
-    """Inputs of >= _PARALLEL_MIN elements run the parallel Numba kernels (the cases above run the
+    """Inputs of >= PARALLEL_MIN elements run the parallel Numba kernels (the cases above run the
     serial twins): the same numbers, and the parameter partial sums per row block add up right."""
     from refimpl.norm import seednorm as mod
 
     shape, heads = (300, 1024), 4
-    assert np.prod(shape) >= mod._PARALLEL_MIN
+    assert np.prod(shape) >= mod.PARALLEL_MIN
     x, a, b, g = _inputs(rng, shape, np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     leaves = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, a, b, g)]
