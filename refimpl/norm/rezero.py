@@ -34,8 +34,8 @@ where M is -inf at masked (query, key) pairs (a causal ``src_mask`` and/or a key
 Equation numbers are those of the chapter (notebooks/norm/rezero.ipynb). The critical loop is the
 update (1) and its backward (5)-(6): elementwise, memory-bound, with one reduction for dL/dalpha.
 Three interchangeable backends compute it: ``"numpy"`` (readable reference), ``"numba"`` (one
-vectorised pass forward; one fused pass backward that writes dL/dF while it accumulates <g, F> in
-chunks; single-threaded below ``_PARALLEL_MIN`` elements, parallel blocks above), ``"torch"``
+vectorised, multi-threaded pass forward; one fused pass backward that writes dL/dF while it
+accumulates <g, F> in float64), ``"torch"``
 (vectorised, device-agnostic, differentiable through :class:`ReZeroFunction`).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.validate import check_floating
-from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
+from refimpl._common.kernels import FASTMATH as _FASTMATH
 
 __all__ = [
     "rezero_update", "rezero_update_backward", "ReZeroFunction", "ReZero",
@@ -59,11 +59,6 @@ __all__ = [
     "ReZeroMultiheadSelfAttention", "ReZeroTransformerEncoderLayer",
 ]
 
-# Elements reduced in x's dtype before the partial sum is added to a float64 accumulator.
-_CHUNK = 4096
-# Below this many elements the numba backend runs single-threaded (see _nblocks): on the
-# 2-core CI machine waking a second thread cost more than the whole pass at every size measured.
-_PARALLEL_MIN = 1 << 22
 
 
 # ----------------------------------------------------------------------------- validation
@@ -107,90 +102,36 @@ def _backward_numpy(g: np.ndarray, fx: np.ndarray, alpha: float):
 
 
 # ----------------------------------------------------------------------------- numba kernels
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _update_range(x, fx, a, y, lo, hi):
-    for i in range(lo, hi):
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _update_numba(x, fx, alpha, y):
+    """Eq. (1) in one pass over memory; prange splits the flat loop between the threads and each
+    thread's share is vectorised."""
+    a = x.dtype.type(alpha)
+    for i in prange(x.shape[0]):
         y[i] = x[i] + a * fx[i]                                           # (1)
 
 
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _backward_chunk(g, fx, a, dfx, start, k, T):
-    """dF = alpha*g (eq. 6) and sum of g*F (eq. 5) over g[start:start+k], in x's dtype T: one
-    loop of fixed shape that the compiler vectorises."""
-    s = T(0)
-    for j in range(k):
-        gi = g[start + j]
-        dfx[start + j] = a * gi
-        s += gi * fx[start + j]
-    return s
-
-
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
-def _backward_range(g, fx, a, dfx, lo, hi, T):
-    """Chunked pass over [lo, hi): each chunk's partial sum (in T) is added to a float64 total."""
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _backward_numba(g, fx, alpha, dfx):
+    """Eqs. (6) and (5) fused in one pass: dF = alpha*g is written while <g, F> is accumulated
+    (a prange reduction: one float64 partial sum per thread, added at the end)."""
+    a = g.dtype.type(alpha)
     acc = 0.0
-    for c in range((hi - lo + _CHUNK - 1) // _CHUNK):
-        start = lo + c * _CHUNK
-        acc += _backward_chunk(g, fx, a, dfx, start, min(_CHUNK, hi - start), T)
+    for i in prange(g.shape[0]):
+        dfx[i] = a * g[i]                                                 # (6)
+        acc += g[i] * fx[i]                                               # (5)
     return acc
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _update_serial(x, fx, alpha, y):
-    _update_range(x, fx, x.dtype.type(alpha), y, 0, x.shape[0])
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _update_parallel(x, fx, alpha, y, nblocks):
-    n = x.shape[0]
-    a = x.dtype.type(alpha)
-    for blk in prange(nblocks):
-        _update_range(x, fx, a, y, blk * n // nblocks, (blk + 1) * n // nblocks)
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _backward_serial(g, fx, alpha, dfx):
-    T = g.dtype.type
-    return _backward_range(g, fx, T(alpha), dfx, 0, g.shape[0], T)
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _backward_parallel(g, fx, alpha, dfx, part):
-    """One pass over g and F(x), split into blocks; each block writes its own partial sum of
-    g*F, so the parallel loop never writes to shared memory."""
-    n = g.shape[0]
-    T = g.dtype.type
-    a = T(alpha)
-    nblocks = part.shape[0]
-    for blk in prange(nblocks):
-        part[blk] = _backward_range(g, fx, a, dfx, blk * n // nblocks, (blk + 1) * n // nblocks, T)
-
-
-def _nblocks(n: int) -> int:
-    """1 (the serial kernel) below _PARALLEL_MIN elements, where waking threads costs more than
-    the pass itself; else one block per thread."""
-    return row_blocks(n, n, _PARALLEL_MIN)
 
 
 def _update_numba_host(x: np.ndarray, fx: np.ndarray, alpha: float) -> np.ndarray:
     y = np.empty_like(x)
-    nb = _nblocks(x.size)
-    if nb == 1:
-        _update_serial(x.reshape(-1), fx.reshape(-1), alpha, y.reshape(-1))
-    else:
-        _update_parallel(x.reshape(-1), fx.reshape(-1), alpha, y.reshape(-1), nb)
+    _update_numba(x.reshape(-1), fx.reshape(-1), alpha, y.reshape(-1))
     return y
 
 
 def _backward_numba_host(g: np.ndarray, fx: np.ndarray, alpha: float):
     dfx = np.empty_like(g)
-    nb = _nblocks(g.size)
-    if nb == 1:
-        dalpha = _backward_serial(g.reshape(-1), fx.reshape(-1), alpha, dfx.reshape(-1))
-    else:
-        part = np.empty(nb, dtype=np.float64)
-        _backward_parallel(g.reshape(-1), fx.reshape(-1), alpha, dfx.reshape(-1), part)
-        dalpha = part.sum()
+    dalpha = _backward_numba(g.reshape(-1), fx.reshape(-1), alpha, dfx.reshape(-1))
     return dfx, g.dtype.type(dalpha)
 
 

@@ -326,12 +326,9 @@ def test_cuda_encoder_matches_official(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_numba_parallel_kernels(rng, monkeypatch, dtype):
-    """The multi-threaded numba kernels (used above _PARALLEL_MIN elements) on small inputs."""
-    import refimpl.norm.rezero as rz
-
-    monkeypatch.setattr(rz, "_PARALLEL_MIN", 0)
-    for n in (1, 3, 5000, 20_011):
+def test_numba_kernels_at_awkward_sizes(rng, dtype):
+    """The multi-threaded numba kernels on sizes that do not split evenly between threads."""
+    for n in (1, 3, 5000, 20_011, 1_000_003):
         x, fx, g = (rng.standard_normal(n).astype(dtype) for _ in range(3))
         assert_close(rezero_update(x, fx, 1.5, backend="numba"),
                      x.astype(np.float64) + 1.5 * fx, **TOL[dtype], name="y parallel")
