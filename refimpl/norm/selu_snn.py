@@ -10,33 +10,37 @@ Equations (the chapter uses the same numbers):
                    lam * alpha * e^x        if x <= 0   (torch's choice at x = 0; see the chapter)
 
 For a unit whose input is z = sum_i w_i x_i with x_i independent, mean mu, variance nu, and weights
-with omega = sum_i w_i, tau = sum_i w_i^2, the CLT gives z ~ N(mu*omega, nu*tau). Write
+with omega = sum_i w_i, tau = sum_i w_i^2, the CLT gives
+
+    (3) z ~ N(mu*omega, nu*tau).
+
+Write
 m = mu*omega, s = sqrt(nu*tau), g = exp(-m^2 / (2 s^2)), e0 = erfc(m / (sqrt(2) s)),
 c1 = (m + s^2) / (sqrt(2) s), c2 = (m + 2 s^2) / (sqrt(2) s) and erfcx(c) = exp(c^2) erfc(c):
 
-    (3) mu~  = E[selu(z)]   = lam/2 * ( m (2 - e0) + sqrt(2/pi) s g + alpha (g erfcx(c1) - e0) )
-    (4) xi~  = E[selu(z)^2] = lam^2/2 * ( (m^2 + s^2)(2 - e0) + sqrt(2/pi) m s g
+    (4) mu~  = E[selu(z)]   = lam/2 * ( m (2 - e0) + sqrt(2/pi) s g + alpha (g erfcx(c1) - e0) )
+    (5) xi~  = E[selu(z)^2] = lam^2/2 * ( (m^2 + s^2)(2 - e0) + sqrt(2/pi) m s g
                                           + alpha^2 (g erfcx(c2) - 2 g erfcx(c1) + e0) )
-    (5) nu~  = xi~ - mu~^2
+    (6) nu~  = xi~ - mu~^2
 
 (the paper's eqs. for mu~ and xi~, rewritten with e^{m + s^2/2} erfc(c1) = g erfcx(c1) and
 e^{2(m + s^2)} erfc(c2) = g erfcx(c2) so that they do not overflow for large variances).
 
-    (6) fixed point:  mu~(0, 1, 0, 1; alpha, lam) = 0,  nu~(0, 1, 0, 1; alpha, lam) = 1
+    (7) fixed point:  mu~(0, 1, 0, 1; alpha, lam) = 0,  nu~(0, 1, 0, 1; alpha, lam) = 1
         -> alpha_01 = 1.6732632423543772848..., lam_01 = 1.0507009873554804934...
-    (7) J(mu, nu) = d(mu~, nu~)/d(mu, nu); the map is a contraction near the fixed point when the
+    (8) J(mu, nu) = d(mu~, nu~)/d(mu, nu); the map is a contraction near the fixed point when the
         spectral norm ||J||_2 < 1 (the quantity bounded in the paper's Theorem 1).
 
 Alpha-dropout keeps each unit with probability q = 1 - p and sets dropped units to the SELU's
 saturation value alpha' = -lam * alpha, then restores the fixed point (mean mu_f, variance nu_f;
 0 and 1 in the paper) with an affine map:
 
-    (8)  y = a * (x d + alpha' (1 - d)) + b,        d ~ Bernoulli(q)
-    (9)  a = sqrt( nu_f / (q ((1 - q)(alpha' - mu_f)^2 + nu_f)) )   [= (q + alpha'^2 q (1-q))^{-1/2}]
-    (10) b = mu_f - a (q mu_f + (1 - q) alpha')                      [= -a (1 - q) alpha']
+    (9)  y = a * (x d + alpha' (1 - d)) + b,        d ~ Bernoulli(q)
+    (10) a = sqrt( nu_f / (q ((1 - q)(alpha' - mu_f)^2 + nu_f)) )   [= (q + alpha'^2 q (1-q))^{-1/2}]
+    (11) b = mu_f - a (q mu_f + (1 - q) alpha')                      [= -a (1 - q) alpha']
 
 The critical loops are the elementwise SELU forward (1) and backward (2) and the alpha-dropout
-apply (8); backends ``"numpy"`` (readable reference), ``"numba"`` (a parallel kernel whose e^x is a
+apply (9); backends ``"numpy"`` (readable reference), ``"numba"`` (a parallel kernel whose e^x is a
 branch-free range reduction + polynomial, so that the loop vectorises), ``"torch"`` (vectorised,
 device-agnostic, differentiable through :class:`SELUFunction`).
 """
@@ -106,7 +110,7 @@ def _selu_backward_numpy(dy: np.ndarray, x: np.ndarray, alpha: float, lam: float
 
 def _alpha_dropout_numpy(x: np.ndarray, keep: np.ndarray, a: float, b: float, alpha_p: float):
     T = x.dtype.type
-    return np.where(keep, T(a) * x + T(b), T(a * alpha_p + b))                                # (8)
+    return np.where(keep, T(a) * x + T(b), T(a * alpha_p + b))                                # (9)
 
 
 # ----------------------------------------------------------------------------- numba kernels
@@ -194,7 +198,7 @@ def _alpha_dropout_numba_body(x, keep, y, a, b, dropped):
     for i in prange(x.shape[0]):
         v = x[i]
         probe += v * T(0)
-        y[i] = at * v + bt if keep[i] else ct       # (8)
+        y[i] = at * v + bt if keep[i] else ct       # (9)
     return probe
 
 
@@ -279,7 +283,7 @@ def selu(x: Any, alpha: float = SELU_ALPHA, lam: float = SELU_LAMBDA, backend: s
 
     Args:
         x: array or tensor of any shape, floating dtype, finite (checked on CPU).
-        alpha, lam: the SELU's parameters; default the paper's alpha_01, lambda_01 (eq. 6).
+        alpha, lam: the SELU's parameters; default the paper's alpha_01, lambda_01 (eq. 7).
         backend: "numpy" | "numba" | "torch" | "auto" (torch for tensors, numba for arrays).
     Returns:
         selu(x) with x's shape and dtype, of x's type. Gradients flow through the torch backend
@@ -341,14 +345,14 @@ class SELU(torch.nn.Module):
 # ----------------------------------------------------------------------------- alpha-dropout
 def alpha_dropout_affine(p: float, alpha_prime: float = ALPHA_PRIME, mean: float = 0.0,
                          var: float = 1.0) -> tuple[float, float]:
-    """The affine correction (a, b) of eqs. (9)-(10) that restores mean ``mean`` and variance ``var``
+    """The affine correction (a, b) of eqs. (10)-(11) that restores mean ``mean`` and variance ``var``
     after units are set to ``alpha_prime`` with probability p. Floats."""
     p = _check_p(p)
     alpha_prime, mean = _check_real(alpha_prime, "alpha_prime"), _check_real(mean, "mean")
     var = check_positive(var, "var")
     q = 1.0 - p
-    a = math.sqrt(var / (q * ((1.0 - q) * (alpha_prime - mean) ** 2 + var)))               # (9)
-    b = mean - a * (q * mean + (1.0 - q) * alpha_prime)                                     # (10)
+    a = math.sqrt(var / (q * ((1.0 - q) * (alpha_prime - mean) ** 2 + var)))               # (10)
+    b = mean - a * (q * mean + (1.0 - q) * alpha_prime)                                     # (11)
     return a, b
 
 
@@ -374,7 +378,7 @@ def alpha_dropout_mask(shape: tuple[int, ...], p: float, generator: Any = None,
 def alpha_dropout(x: Any, p: float = 0.5, training: bool = True, mask: Any = None,
                   generator: Any = None, alpha_prime: float = ALPHA_PRIME, mean: float = 0.0,
                   var: float = 1.0, backend: str = "auto") -> Any:
-    """Alpha-dropout, eqs. (8)-(10): dropped units take ``alpha_prime``, then ``a * . + b``.
+    """Alpha-dropout, eqs. (9)-(11): dropped units take ``alpha_prime``, then ``a * . + b``.
 
     Args:
         x: array or tensor of any shape, floating dtype, finite (checked on CPU).
@@ -407,7 +411,7 @@ def alpha_dropout(x: Any, p: float = 0.5, training: bool = True, mask: Any = Non
     if backend == "torch":
         xt = to_torch(x)
         keep = to_torch(mask, like=xt).bool()
-        y = torch.where(keep, a * xt + b, torch.full_like(xt, dropped))                      # (8)
+        y = torch.where(keep, a * xt + b, torch.full_like(xt, dropped))                      # (9)
         return y if isinstance(x, torch.Tensor) else y.detach().numpy()
     xf = _flat(x)
     keep = _flat(mask).astype(bool, copy=False)
@@ -448,10 +452,10 @@ def _moments_torch(mu, nu, omega, tau, alpha, lam):
     x1 = g * torch.special.erfcx((m + s2) / (r2 * s))          # e^{m + s^2/2} erfc(c1)
     x2 = g * torch.special.erfcx((m + 2.0 * s2) / (r2 * s))    # e^{2(m + s^2)} erfc(c2)
     k = math.sqrt(2.0 / math.pi)
-    mu_t = 0.5 * lam * (m * (2.0 - e0) + k * s * g + alpha * (x1 - e0))                          # (3)
+    mu_t = 0.5 * lam * (m * (2.0 - e0) + k * s * g + alpha * (x1 - e0))                          # (4)
     xi_t = 0.5 * lam ** 2 * ((m * m + s2) * (2.0 - e0) + k * m * s * g
-                             + alpha ** 2 * (x2 - 2.0 * x1 + e0))                              # (4)
-    return mu_t, xi_t - mu_t * mu_t                                                             # (5)
+                             + alpha ** 2 * (x2 - 2.0 * x1 + e0))                              # (5)
+    return mu_t, xi_t - mu_t * mu_t                                                             # (6)
 
 
 def _check_moment_args(mu, nu, omega, tau, alpha, lam):
@@ -474,7 +478,7 @@ def _check_moment_args(mu, nu, omega, tau, alpha, lam):
 
 def selu_moments(mu: Any, nu: Any, omega: Any = 0.0, tau: Any = 1.0, alpha: Any = SELU_ALPHA,
                  lam: Any = SELU_LAMBDA) -> tuple[Any, Any]:
-    """The mean/variance map g: (mu, nu) -> (mu~, nu~) of a SELU layer, eqs. (3)-(5).
+    """The mean/variance map g: (mu, nu) -> (mu~, nu~) of a SELU layer, eqs. (4)-(6).
 
     Args:
         mu, nu: mean and variance (> 0) of the layer's inputs. omega, tau: sum and sum of squares of
@@ -494,7 +498,7 @@ def selu_moments(mu: Any, nu: Any, omega: Any = 0.0, tau: Any = 1.0, alpha: Any 
 
 def selu_moments_jacobian(mu: Any = 0.0, nu: Any = 1.0, omega: Any = 0.0, tau: Any = 1.0,
                           alpha: float = SELU_ALPHA, lam: float = SELU_LAMBDA) -> np.ndarray:
-    """J = d(mu~, nu~)/d(mu, nu) of eqs. (3)-(5), eq. (7), by autograd in float64.
+    """J = d(mu~, nu~)/d(mu, nu) of eqs. (4)-(6), eq. (8), by autograd in float64.
 
     mu, nu, omega, tau: numbers or arrays/tensors that broadcast to a common shape S (a grid of
     points). Returns a float64 array of shape S + (2, 2), [[dmu~/dmu, dmu~/dnu], [dnu~/dmu,
@@ -516,7 +520,7 @@ def selu_moments_jacobian(mu: Any = 0.0, nu: Any = 1.0, omega: Any = 0.0, tau: A
 def solve_selu_parameters(mean: float = 0.0, var: float = 1.0, omega: float = 0.0, tau: float = 1.0,
                           init: tuple[float, float] = (1.67, 1.05), tol: float = 1e-15,
                           max_iter: int = 50) -> tuple[float, float]:
-    """Solve eq. (6) generalised: find (alpha, lam) with g(mean, var) = (mean, var) for weights with
+    """Solve eq. (7) generalised: find (alpha, lam) with g(mean, var) = (mean, var) for weights with
     sum ``omega`` and sum of squares ``tau``, by Newton's method on (alpha, lam) with the Jacobian
     from autograd (float64). Returns (alpha, lam); raises RuntimeError when it does not converge."""
     mean, omega = _check_real(mean, "mean"), _check_real(omega, "omega")
@@ -546,7 +550,7 @@ def solve_selu_parameters(mean: float = 0.0, var: float = 1.0, omega: float = 0.
 
 def lecun_normal_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """LeCun-normal initialisation in place: w ~ N(0, 1/fan_in) for a (fan_out, fan_in) weight, so
-    that E[omega] = 0 and E[tau] = 1 for every unit (the paper's assumption behind eq. 6)."""
+    that E[omega] = 0 and E[tau] = 1 for every unit (the paper's assumption behind eq. 7)."""
     if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
         raise ValueError("weight must be a tensor of rank >= 2 (fan_out, fan_in, ...)")
     fan_in = weight[0].numel()
