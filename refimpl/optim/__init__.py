@@ -1,0 +1,1 @@
+"""Part "optim": optimizers, built on one multi-tensor kernel (refimpl.optim.multi_tensor)."""
