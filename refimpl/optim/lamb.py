@@ -107,7 +107,7 @@ def trust_ratio(weight_norm: Any, update_norm: Any, clamp_value: float | None = 
 
 
 # ----------------------------------------------------------------------------- numba kernels
-@njit(cache=True, fastmath=_FASTMATH, inline="always")
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
 def _direction_chunk(c, p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, chunk_hi, chunk_seg,
                      wsq, usq):
     """Eqs. (1)-(3) on one chunk; the chunk's sums of w^2 and u^2 (in T, returned as float64)."""
@@ -118,28 +118,31 @@ def _direction_chunk(c, p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo
     s1, s2 = T(seg_s1[k]), T(seg_s2[k])
     aw = T(0)   # a chunk's partial sums in T (chunks are short); summed over chunks in float64
     au = T(0)
-    for i in range(chunk_lo[c], chunk_hi[c]):
-        gi = g[i]
-        mi = b1t * m[i] + c1 * gi                               # (1)
-        vi = b2t * v[i] + c2 * gi * gi                          # (2)
-        m[i] = mi
-        v[i] = vi
-        wi = p[i]
+    lo, hi = chunk_lo[c], chunk_hi[c]
+    # slices indexed from 0: the loop carries no wrap-around checks and vectorises
+    pc, gc, mc, vc, uc = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], u[lo:hi]
+    for i in range(hi - lo):
+        gi = gc[i]
+        mi = b1t * mc[i] + c1 * gi                              # (1)
+        vi = b2t * vc[i] + c2 * gi * gi                         # (2)
+        mc[i] = mi
+        vc[i] = vi
+        wi = pc[i]
         ui = mi * s1 / (math.sqrt(vi * s2) + epst) + wdt * wi   # (3)
-        u[i] = ui
+        uc[i] = ui
         aw += wi * wi
         au += ui * ui
     wsq[c] = np.float64(aw)
     usq[c] = np.float64(au)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _direction_parallel(p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, chunk_hi, chunk_seg, wsq, usq):
     for c in prange(chunk_lo.shape[0]):
         _direction_chunk(c, p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, chunk_hi, chunk_seg, wsq, usq)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _direction_serial(p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, chunk_hi, chunk_seg, wsq, usq):
     for c in range(chunk_lo.shape[0]):
         _direction_chunk(c, p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, chunk_hi, chunk_seg, wsq, usq)
@@ -149,8 +152,9 @@ def _direction_serial(p, g, m, v, u, seg_s1, seg_s2, b1, b2, eps, wd, chunk_lo, 
 def _update_chunk(c, p, a, u, chunk_lo, chunk_hi, chunk_seg):
     T = p.dtype.type
     ak = T(a[chunk_seg[c]])
-    for i in range(chunk_lo[c], chunk_hi[c]):
-        p[i] += ak * u[i]                                       # (6)
+    pc, uc = p[chunk_lo[c]:chunk_hi[c]], u[chunk_lo[c]:chunk_hi[c]]
+    for i in range(pc.shape[0]):
+        pc[i] += ak * uc[i]                                     # (6)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
