@@ -34,7 +34,7 @@ gpu-test: $(STAMP)
 	$(PY) -m pytest -m gpu -p no:cacheprovider tests
 
 bench: $(STAMP)
-	$(PY) bench/layer_norm.py
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 registry: $(STAMP)
 	$(PY) book/generate.py

@@ -92,3 +92,17 @@ def test_digits_split_is_standardised_and_seeded():
     assert torch.equal(digits_split(seed=1)[1], ytr)
     with pytest.raises(ValueError, match="test_fraction"):
         digits_split(test_fraction=1.5)
+
+
+def test_check_flat_buffers():
+    from refimpl._common import check_flat_buffers
+
+    check_flat_buffers({"x": np.zeros(3), "g": np.ones(3)})
+    with pytest.raises(ValueError, match="g must be a flat 1-D buffer"):
+        check_flat_buffers({"x": np.zeros(3), "g": np.ones((3, 1))})
+    with pytest.raises(TypeError, match="g must have the type and dtype of x"):
+        check_flat_buffers({"x": np.zeros(3), "g": np.ones(3, np.float32)})
+    with pytest.raises(TypeError, match="g must have the type and dtype of x"):
+        check_flat_buffers({"x": np.zeros(3), "g": torch.ones(3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="g must have 3 elements like x"):
+        check_flat_buffers({"x": np.zeros(3), "g": np.ones(4)})

@@ -39,3 +39,18 @@ def check_positive(value: Any, name: str) -> float:
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def check_flat_buffers(named: dict[str, Any]) -> None:
+    """Raise unless every value is a 1-D floating array/tensor of the first one's type, dtype and
+    length (the flat buffers of an optimizer step). ``named``: {argument name: buffer}."""
+    first_name, first = next(iter(named.items()))
+    for name, a in named.items():
+        check_floating(a, name)
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(a.shape)}")
+        if type(a) is not type(first) or a.dtype != first.dtype:
+            raise TypeError(f"{name} must have the type and dtype of {first_name} "
+                            f"({type(first).__name__} {first.dtype}), got {type(a).__name__} {a.dtype}")
+        if a.shape[0] != first.shape[0]:
+            raise ValueError(f"{name} must have {first.shape[0]} elements like {first_name}, got {a.shape[0]}")

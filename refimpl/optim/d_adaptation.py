@@ -42,7 +42,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend
 from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN
-from refimpl._common.validate import check_floating, check_positive
+from refimpl._common.validate import check_flat_buffers, check_positive
 from refimpl.optim.multi_tensor import SegmentLayout
 
 __all__ = ["dadapt_sgd_accumulate", "dadapt_sgd_update", "dadapt_sgd_step",
@@ -51,22 +51,6 @@ __all__ = ["dadapt_sgd_accumulate", "dadapt_sgd_update", "dadapt_sgd_step",
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_flat(named: dict[str, Any]) -> Any:
-    """All buffers: one type, one floating dtype, 1-D, one length. Returns the first."""
-    items = list(named.items())
-    first_name, first = items[0]
-    for name, a in items:
-        check_floating(a, name)
-        if a.ndim != 1:
-            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(a.shape)}")
-        if type(a) is not type(first) or a.dtype != first.dtype:
-            raise TypeError(f"{name} must have the type and dtype of {first_name} "
-                            f"({type(first).__name__} {first.dtype}), got {type(a).__name__} {a.dtype}")
-        if a.shape[0] != first.shape[0]:
-            raise ValueError(f"{name} must have {first.shape[0]} elements like {first_name}, got {a.shape[0]}")
-    return first
-
-
 def _check_unit(value: Any, name: str, upper_open: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -218,7 +202,7 @@ def dadapt_sgd_accumulate(x: Any, g: Any, s: Any, dlr: float, weight_decay: floa
     x, g, s: flat (n,) arrays or tensors of one floating dtype (and device). Reductions run in
     float64 for numpy/numba and in the buffers' dtype for torch.
     """
-    _check_flat({"x": x, "g": g, "s": s})
+    check_flat_buffers({"x": x, "g": g, "s": s})
     wd = _check_nonneg(weight_decay, "weight_decay")
     dlr = _check_nonneg(dlr, "dlr")
     backend = resolve_backend(backend, x)
@@ -242,7 +226,7 @@ def dadapt_sgd_accumulate(x: Any, g: Any, s: Any, dlr: float, weight_decay: floa
 
 def dadapt_sgd_update(x: Any, x0: Any, s: Any, momentum: float = 0.0, backend: str = "auto") -> Any:
     """Eq. (7) in place: ``x = momentum * x + (1 - momentum) * (x0 - s)``. Returns x."""
-    _check_flat({"x": x, "x0": x0, "s": s})
+    check_flat_buffers({"x": x, "x0": x0, "s": s})
     momentum = _check_unit(momentum, "momentum")
     backend = resolve_backend(backend, x)
     if backend == "torch":
@@ -287,7 +271,7 @@ def dadapt_sgd_step(x: Any, g: Any, s: Any, x0: Any, d: float, numerator: float,
     d_coef = check_positive(d_coef, "d_coef")
     growth_rate = _check_growth(growth_rate)
     momentum = _check_unit(momentum, "momentum")
-    _check_flat({"x": x, "g": g, "s": s, "x0": x0})
+    check_flat_buffers({"x": x, "g": g, "s": s, "x0": x0})
     dlr = d * lr / g0_norm                                                       # (5)
     dot, sk_sq = dadapt_sgd_accumulate(x, g, s, dlr, weight_decay, backend)
     numerator = numerator + dlr * dot
@@ -305,7 +289,7 @@ def dadapt_adam_accumulate(x: Any, g: Any, s: Any, m: Any, v: Any, dlr: float, *
     """Eqs. (8)-(9) on flat buffers, in place on m, v, s. With ``ge = g + weight_decay * x`` (pass
     weight_decay = 0 for decoupled decay) returns ``(r * dlr * <ge, s_old / (sqrt(v_old) + eps)>,
     r * ||s_new||_1)`` as Python floats (r = layer_scale); the EMA of eq. (8) is the caller's."""
-    _check_flat({"x": x, "g": g, "s": s, "exp_avg": m, "exp_avg_sq": v})
+    check_flat_buffers({"x": x, "g": g, "s": s, "exp_avg": m, "exp_avg_sq": v})
     b1, b2 = _check_unit(betas[0], "betas[0]"), _check_unit(betas[1], "betas[1]")
     eps = check_positive(eps, "eps")
     wd = _check_nonneg(weight_decay, "weight_decay")
@@ -343,7 +327,7 @@ def dadapt_adam_update(x: Any, m: Any, v: Any, eps: float = 1e-8, shrink: float 
                        backend: str = "auto") -> Any:
     """Eq. (10) in place: ``x = shrink * x - m / (sqrt(v) + eps)``; shrink = 1 - wd * dlr for
     decoupled weight decay, else 1. Returns x."""
-    _check_flat({"x": x, "exp_avg": m, "exp_avg_sq": v})
+    check_flat_buffers({"x": x, "exp_avg": m, "exp_avg_sq": v})
     eps = check_positive(eps, "eps")
     shrink = _check_nonneg(shrink, "shrink")
     backend = resolve_backend(backend, x)

@@ -48,7 +48,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend
 from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
-from refimpl._common.validate import check_floating
+from refimpl._common.validate import check_flat_buffers
 from refimpl.optim.multi_tensor import SegmentLayout
 
 __all__ = ["scoped_gamma", "sgld_inner_step", "entropy_outer_step", "EntropySGD"]
@@ -71,21 +71,6 @@ def _real(value: Any, name: str, lo: float, hi: float = math.inf, *, lo_open: bo
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value!r}")
     return v
-
-
-def _check_flat(arrays: dict[str, Any]) -> tuple[Any, str]:
-    """All arrays: 1-D, one length, one type (array or tensor), one floating dtype."""
-    first_name, first = next(iter(arrays.items()))
-    for name, a in arrays.items():
-        check_floating(a, name)
-        if a.ndim != 1:
-            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(a.shape)}")
-        if type(a) is not type(first) or a.dtype != first.dtype:
-            raise TypeError(f"{name} must have the type and dtype of {first_name} "
-                            f"({type(first).__name__} {first.dtype}), got {type(a).__name__} {a.dtype}")
-        if a.shape[0] != first.shape[0]:
-            raise ValueError(f"{name} must have {first.shape[0]} elements like {first_name}, got {a.shape[0]}")
-    return first, first_name
 
 
 def _as_numpy_views(arrays: list[Any]) -> list[np.ndarray]:
@@ -279,7 +264,7 @@ def sgld_inner_step(x_inner: Any, grad: Any, anchor: Any, mu: Any, buf: Any, noi
     bufs = {"x_inner": x_inner, "grad": grad, "anchor": anchor, "mu": mu, "buf": buf}
     if noise is not None:
         bufs["noise"] = noise
-    _check_flat(bufs)
+    check_flat_buffers(bufs)
     gamma = _real(gamma, "gamma", 0.0)
     sgld_lr = _real(sgld_lr, "sgld_lr", 0.0, lo_open=True)
     eps = _real(eps, "eps", 0.0)
@@ -326,7 +311,7 @@ def entropy_outer_step(x: Any, direction: Any, buf: Any, *, lr: float, momentum:
 
     Returns ``x``.
     """
-    _check_flat({"x": x, "direction": direction, "buf": buf})
+    check_flat_buffers({"x": x, "direction": direction, "buf": buf})
     lr = _real(lr, "lr", 0.0, lo_open=True)
     momentum = _real(momentum, "momentum", 0.0, 1.0, hi_open=True)
     dampening = _real(dampening, "dampening", 0.0, 1.0)
