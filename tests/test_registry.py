@@ -102,7 +102,7 @@ def test_repository_url_is_named_once_and_notebooks_agree():
         text = nb.read_text()
         rel = nb.relative_to(ROOT).as_posix()
         assert f"{colab}/blob/main/{rel}" in text, f"{rel}: Colab badge does not point at {colab}/blob/main/{rel}"
-        assert "refimpl @ git+" + url in text, f"{rel}: the Colab install line does not use {url}"
+        assert "refimpl[official] @ git+" + url in text, f"{rel}: the Colab install line does not install refimpl[official] from {url}"
 
 
 def test_pages_name_the_configured_repository():
