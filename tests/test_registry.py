@@ -102,7 +102,10 @@ def test_repository_url_is_named_once_and_notebooks_agree():
         text = nb.read_text()
         rel = nb.relative_to(ROOT).as_posix()
         assert f"{colab}/blob/main/{rel}" in text, f"{rel}: Colab badge does not point at {colab}/blob/main/{rel}"
-        assert "refimpl[official] @ git+" + url in text, f"{rel}: the Colab install line does not install refimpl[official] from {url}"
+        setup = "".join(next(c for c in json.loads(text)["cells"] if c["cell_type"] == "code")["source"])
+        assert f'"git", "clone", "-q", "--depth", "1", "{url}"' in setup, f"{rel}: the Colab cell does not clone {url}"
+        assert '"/content/d3l[official]"' in setup, f"{rel}: the Colab cell does not install refimpl[official]"
+        assert f'os.chdir("/content/d3l/{nb.parent.relative_to(ROOT).as_posix()}")' in setup, f"{rel}: no chdir"
 
 
 def test_pages_name_the_configured_repository():
