@@ -13,7 +13,6 @@ CUDA: the torch path eager and under torch.compile, the official AdamP, and torc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 
 from refimpl._common import compare_backends, timing_table  # noqa: E402
 from refimpl.optim.adamp import ProjectionLayout, adamp_step  # noqa: E402
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 LAYERS = 8
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=0.1, wd_ratio=0.1)
@@ -67,18 +67,14 @@ def _adam_step(prob):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch and Numba (default: all; 1 is steadier on a busy machine)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes = [256, 1024, 2048, 4096]
         step = lambda p: adamp_step(p["pt"]["w"], p["pt"]["g"], p["pt"]["m"], p["pt"]["v"],  # noqa: E731
                                     p["layout"], step=10, backend="torch", **HP)

@@ -9,7 +9,6 @@ CPU: the NumPy reference, the Numba kernel, the torch path, and torch's own fuse
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from refimpl._common import compare_backends, timing_table
 from refimpl.norm.bhyt import BHyTFunction, bhyt, bhyt_backward
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 H = 1024
 LAM, KAPPA, EPS = 2.0, 10.0, 1e-6
@@ -122,20 +122,16 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, default=None)
+    p = bench_parser(__doc__)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--rounds", type=int, default=3, help="repeat the whole table, keep each entry's best")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for numba and torch (default: their own defaults, all cores)")
-    args = p.parse_args()
+    args = parse_bench_args(p)
     if args.threads is not None:
         numba.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device")
         sizes = [256, 1024, 4096, 16384, 65536]
         rows = _cuda(sizes, args.repeat, args.rounds)
         device_name = torch.cuda.get_device_name()

@@ -12,7 +12,6 @@ reductions. CUDA: the torch path, the same under torch.compile, and the fused to
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from datetime import date
@@ -24,6 +23,7 @@ import torch
 
 from refimpl._common import compare_backends, timing_table
 from refimpl.optim.d_adaptation import dadapt_adam_step, dadapt_sgd_step
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 
 def make_buffers(n: int, device: str = "cpu"):
@@ -67,18 +67,14 @@ def compiled_fns():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch and numba (default: all); 1 is robust on a busy machine")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes = [1 << 16, 1 << 20, 1 << 22, 1 << 24]
         core = compiled_fns()
         adam_fns = {"torch": lambda b: adam_step(b["t"], "torch"), "torch.compile": lambda b: core(b["t"]),

@@ -10,7 +10,6 @@ for this update). CUDA: the eager torch path, the same under torch.compile, and 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from datetime import date
@@ -22,6 +21,7 @@ import torch
 
 from refimpl._common import compare_backends, timing_table
 from refimpl.optim.entropy_sgd import _NESTEROV, _inner_torch, sgld_inner_step
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 HP = dict(gamma=1.0, sgld_lr=0.1, eps=1e-4, mu_decay=0.75, momentum=0.9, dampening=0.0, weight_decay=1e-4)
 
@@ -62,13 +62,9 @@ def make_cuda(n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    ap = bench_parser(__doc__)
+    args = parse_bench_args(ap, argv)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes = [1 << 16, 1 << 20, 1 << 24, 1 << 26]
         fns, make = cuda_fns(), make_cuda
         device_name = torch.cuda.get_device_name()

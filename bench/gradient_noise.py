@@ -11,7 +11,6 @@ a ``torch.compile``d torch path, and the fused SGD.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from refimpl._common import compare_backends, timing_table
 from refimpl.optim.gradient_noise import noisy_sgd_step
 from refimpl.optim.multi_tensor import SegmentLayout
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 K = 16
 KW = dict(lr=0.01, sigma=0.1, momentum=0.9, max_grad_norm=1.0)
@@ -57,13 +57,9 @@ def _fns(device: str, compiled: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 4_000_000])
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA device")
+    args = parse_bench_args(ap)
     fns = _fns(args.device, compiled=args.device == "cuda")
     warm = _inputs(4096, args.device)
     for fn in fns.values():                      # compile / load the kernels before timing

@@ -13,7 +13,6 @@ Bytes: read p, g, m, v; write p, m, v, u; read u, p, write p (about 11 float32 s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from datetime import date
@@ -26,6 +25,7 @@ import torch
 from refimpl._common import compare_backends, timing_table
 from refimpl.optim.lamb import lamb_step
 from refimpl.optim.multi_tensor import SegmentLayout
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 LR = 1e-4
 
@@ -97,13 +97,9 @@ def cuda_fns() -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    ap = bench_parser(__doc__)
+    args = parse_bench_args(ap, argv)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         widths = [128, 256, 512, 1024]
         fns = cuda_fns()
         device_name = torch.cuda.get_device_name()

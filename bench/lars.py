@@ -13,7 +13,6 @@ g, v and one write of w, v (20 bytes per element).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from datetime import date
@@ -26,6 +25,7 @@ import torch
 from refimpl._common import compare_backends, timing_table
 from refimpl.optim.lars import lars_step
 from refimpl.optim.multi_tensor import SegmentLayout
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 K = 32
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=1e-4, trust_coeff=1e-3)
@@ -80,13 +80,9 @@ def cuda_fns():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    ap = bench_parser(__doc__)
+    args = parse_bench_args(ap, argv)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes = [1 << 16, 1 << 20, 1 << 23, 1 << 25]
         fns = cuda_fns()
         device_name = torch.cuda.get_device_name()

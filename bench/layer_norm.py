@@ -9,7 +9,6 @@ limit); effective bandwidth counts one read of x and one write of y.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from datetime import date
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from refimpl._common import compare_backends, timing_table
 from refimpl.norm.layer_norm import _forward_torch, layer_norm
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 H = 1024
 
@@ -46,13 +46,9 @@ def cuda_fns():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    ap = bench_parser(__doc__)
+    args = parse_bench_args(ap, argv)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes = [1024, 4096, 16384, 65536]
         fns = cuda_fns()
         make = lambda n: torch.randn(n, H, device="cuda")  # noqa: E731

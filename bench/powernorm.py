@@ -12,7 +12,6 @@ CUDA: the eager torch path and the same under ``torch.compile``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import torch
 
 from refimpl._common import compare_backends, timing_table
 from refimpl.norm.powernorm import _backward_torch, _qmean_torch, power_norm_backward, quadratic_mean
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 C = 512
 
@@ -63,13 +63,9 @@ def fns_backward(device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
+    ap = bench_parser(__doc__)
+    args = parse_bench_args(ap, argv)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            ap.error("--device cuda needs a CUDA device")
         sizes, make, dev = [4096, 16384, 65536, 262144], make_cuda, "cuda"
         device_name = torch.cuda.get_device_name()
     else:

@@ -9,7 +9,6 @@ Writes bench/results/rezero_<device>.json: {"paper_id", "device", "torch", "numb
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from refimpl._common import compare_backends, timing_table  # noqa: E402
 from refimpl.norm.rezero import rezero_update, rezero_update_backward  # noqa: E402
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 ALPHA = 0.3
 
@@ -44,15 +44,13 @@ def _torch_fused(inp):
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/rezero_<device>.json)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=[2**k for k in range(12, 25, 2)])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for numba and torch (default: leave their defaults); on a shared "
                          "machine, 1 gives figures that other processes disturb least")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
@@ -78,8 +76,6 @@ def main(argv=None) -> list[dict]:
         rows = compare_backends(fns, make, args.sizes, bytes_moved=lambda n: 6 * 4 * n,
                                 repeat=args.repeat, progress=True)
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda needs a CUDA device")
         dev = torch.device("cuda")
 
         def make(n):

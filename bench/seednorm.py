@@ -8,7 +8,6 @@ product per row).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from refimpl._common import compare_backends, timing_table
+from refimpl._common.bench import bench_parser, parse_bench_args
 from refimpl.norm.seednorm import (_backward_numba_host, _backward_numpy, _backward_torch,
                                    _forward_numba_host, _forward_numpy, _forward_torch)
 
@@ -118,13 +118,9 @@ def bench_cuda(sizes):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/seednorm_<device>.json)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="numbers of rows (D = 1024)")
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA device")
+    args = parse_bench_args(ap)
     sizes = args.sizes or ([256, 1024, 4096, 16384] if args.device == "cpu" else [1024, 4096, 16384, 65536])
     fwd, bwd, make, dev = (bench_cpu if args.device == "cpu" else bench_cuda)(sizes)
     ref = "numpy" if args.device == "cpu" else "torch"

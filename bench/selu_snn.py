@@ -9,7 +9,6 @@ also a ``torch.compile``'d torch path.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from refimpl._common import compare_backends, seed_everything, timing_table
 from refimpl.norm.selu_snn import SELU_ALPHA, SELU_LAMBDA, alpha_dropout, selu, selu_backward
+from refimpl._common.bench import bench_parser, parse_bench_args
 
 P = 0.1
 
@@ -74,18 +74,14 @@ def _best_of(rounds: int, run) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--out", type=Path, default=None)
+    ap = bench_parser(__doc__)
     ap.add_argument("--sizes", type=int, nargs="*", default=[2 ** k for k in range(12, 24, 2)])
     ap.add_argument("--rounds", type=int, default=3,
                     help="repeat the whole table and keep each entry's best median (a shared 2-core machine "
                          "deschedules threads now and then; one such hiccup costs a threaded kernel ~8 ms)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     seed_everything(0)
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda needs a CUDA device")
     ops = _ops_for(device)
     rows = []
     for op, fns in ops.items():

@@ -106,3 +106,15 @@ def test_check_flat_buffers():
         check_flat_buffers({"x": np.zeros(3), "g": torch.ones(3, dtype=torch.float64)})
     with pytest.raises(ValueError, match="g must have 3 elements like x"):
         check_flat_buffers({"x": np.zeros(3), "g": np.ones(4)})
+
+
+def test_bench_command_line(tmp_path):
+    from refimpl._common.bench import bench_parser, parse_bench_args
+
+    ap = bench_parser("doc")
+    ap.add_argument("--threads", type=int, default=None)
+    args = parse_bench_args(ap, ["--out", str(tmp_path / "r.json"), "--threads", "1"])
+    assert args.device == "cpu" and args.out == tmp_path / "r.json" and args.threads == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse_bench_args(ap, ["--device", "cuda"])
