@@ -1,0 +1,1 @@
+"""Part "quant": quantization of weights, activations, gradients and optimizer states."""
