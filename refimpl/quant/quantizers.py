@@ -174,7 +174,11 @@ def _rows_numba(x: np.ndarray, bits: int, mode: str):
     q = np.empty_like(x)
     scale = np.empty((g, 1), x.dtype)
     zero = np.empty((g, 1), x.dtype)
-    _rows_numba_kernel(x, bits, MODES.index(mode), row_blocks(g, x.size), q, scale, zero)
+    nblocks = row_blocks(g, x.size)
+    if nblocks == 1:  # small inputs: no thread wake-up (it costs more than the work on a busy machine)
+        _rows_range(x, 0, g, bits, MODES.index(mode), q, scale, zero)
+    else:
+        _rows_numba_kernel(x, bits, MODES.index(mode), nblocks, q, scale, zero)
     return q, scale, zero
 
 
