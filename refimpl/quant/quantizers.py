@@ -1,7 +1,7 @@
 """The quantization toolbox every chapter of Part "quant" shares.
 
 Round-to-nearest (RTN) uniform quantizers at three granularities, block floating point (MXINT),
-fake quantization with a straight-through estimator, and bit packing of low-bit codes.
+fake quantization with a straight-through estimator, and bit packing of 1- to 8-bit codes.
 
 Every granularity reduces to one kernel over the rows of a 2-D array ("groups" × group size):
 
@@ -293,40 +293,47 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Bit packing of low-bit codes (storage: 8 / bits codes per byte).
 # ----------------------------------------------------------------------------------------------
+def _check_pack_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+
+
 def pack_bits(codes: Any, bits: int):
-    """Pack unsigned integer codes in ``[0, 2^bits)`` (any shape, ``bits`` in {1, 2, 4, 8}) into a flat
-    uint8 array/tensor of ``ceil(numel * bits / 8)`` bytes, little-endian within each byte."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits!r}")
+    """Pack unsigned integer codes in ``[0, 2^bits)`` (any shape, ``bits`` in 1..8) into a flat uint8 array/tensor
+    of ``ceil(numel * bits / 8)`` bytes: every 8 codes form one little-endian word of ``bits`` bytes (code ``i`` in
+    bits ``i·b … i·b+b-1``). For 1, 2, 4 and 8 bits this is the plain layout of ``8 / bits`` codes per byte."""
+    _check_pack_bits(bits)
     is_t = isinstance(codes, torch.Tensor)
     c = codes.reshape(-1) if is_t else np.asarray(codes).reshape(-1)
     if c.dtype not in (np.uint8, torch.uint8):
         raise TypeError(f"codes must be uint8, got {c.dtype}")
-    if c.numel() if is_t else c.size:
-        if int(c.max()) >= 2 ** bits:
-            raise ValueError(f"codes must be < 2**bits = {2 ** bits}, got a maximum of {int(c.max())}")
-    per = 8 // bits
     n = c.shape[0]
-    pad = (-n) % per
-    if is_t:
-        c = torch.cat([c, c.new_zeros(pad)]).reshape(-1, per).to(torch.int32)
-        shifts = torch.arange(per, device=c.device, dtype=torch.int32) * bits
-        return (c << shifts).sum(dim=1).to(torch.uint8)
-    c = np.concatenate([c, np.zeros(pad, np.uint8)]).reshape(-1, per).astype(np.uint32)
-    shifts = np.arange(per, dtype=np.uint32) * bits
-    return (c << shifts).sum(axis=1).astype(np.uint8)
+    if n and int(c.max()) >= 2 ** bits:
+        raise ValueError(f"codes must be < 2**bits = {2 ** bits}, got a maximum of {int(c.max())}")
+    pad, size = (-n) % 8, -(-n * bits // 8)
+    if is_t:  # int64 words: the top code of an 8-bit word wraps the sign, which shifts and masks undo exactly
+        c = torch.cat([c, c.new_zeros(pad)]).reshape(-1, 8).to(torch.int64)
+        word = (c << (torch.arange(8, device=c.device) * bits)).sum(dim=1)
+        out = (word[:, None] >> (torch.arange(bits, device=c.device) * 8)) & 255
+        return out.reshape(-1)[:size].to(torch.uint8)
+    c = np.concatenate([c, np.zeros(pad, np.uint8)]).reshape(-1, 8).astype(np.uint64)
+    word = (c << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(axis=1, dtype=np.uint64)
+    out = (word[:, None] >> (np.arange(bits, dtype=np.uint64) * np.uint64(8))) & np.uint64(255)
+    return out.reshape(-1)[:size].astype(np.uint8)
 
 
 def unpack_bits(packed: Any, bits: int, numel: int):
     """Inverse of :func:`pack_bits`: the first ``numel`` codes as a flat uint8 array/tensor."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"bits must be 1, 2, 4 or 8, got {bits!r}")
-    per = 8 // bits
+    _check_pack_bits(bits)
     mask = 2 ** bits - 1
     if isinstance(packed, torch.Tensor):
-        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-        out = (packed.to(torch.int32)[:, None] >> shifts) & mask
+        p = packed.reshape(-1).to(torch.int64)
+        p = torch.cat([p, p.new_zeros((-p.numel()) % bits)]).reshape(-1, bits)
+        word = (p << (torch.arange(bits, device=p.device) * 8)).sum(dim=1)
+        out = (word[:, None] >> (torch.arange(8, device=p.device) * bits)) & mask
         return out.reshape(-1)[:numel].to(torch.uint8)
-    shifts = np.arange(per, dtype=np.uint32) * bits
-    out = (np.asarray(packed).astype(np.uint32)[:, None] >> shifts) & mask
+    p = np.asarray(packed).reshape(-1).astype(np.uint64)
+    p = np.concatenate([p, np.zeros((-p.size) % bits, np.uint64)]).reshape(-1, bits)
+    word = (p << (np.arange(bits, dtype=np.uint64) * np.uint64(8))).sum(axis=1, dtype=np.uint64)
+    out = (word[:, None] >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64(mask)
     return out.reshape(-1)[:numel].astype(np.uint8)

@@ -73,7 +73,7 @@ def test_channel_axis_groups():
     assert np.all(np.abs(to_groups(xh - x, "channel", axis=1)[0]) <= s[:, None] / 2 + 1e-12)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("n", [1, 7, 1001])
 def test_pack_roundtrip(rng, bits, n):
     c = rng.integers(0, 2 ** bits, n).astype(np.uint8)
@@ -83,6 +83,15 @@ def test_pack_roundtrip(rng, bits, n):
     pt = pack_bits(torch.from_numpy(c), bits)
     np.testing.assert_array_equal(pt.numpy(), p)
     assert torch.equal(unpack_bits(pt, bits, n), torch.from_numpy(c))
+    if 8 % bits == 0:  # the plain layout: 8 / bits codes per byte, the first in the lowest bits
+        per = 8 // bits
+        pad = np.concatenate([c, np.zeros((-n) % per, np.uint8)]).reshape(-1, per).astype(np.int64)
+        np.testing.assert_array_equal(p, (pad << (np.arange(per) * bits)).sum(1))
+
+
+def test_pack_3_bits_by_hand():
+    # codes 1..8 mod 8 at 3 bits: bits little-endian 100 010 110 001 101 011 111 000 -> bytes 0xd1 0x58 0x1f
+    np.testing.assert_array_equal(pack_bits(np.arange(1, 9, dtype=np.uint8) % 8, 3), [0xD1, 0x58, 0x1F])
 
 
 def test_ste_gradients():
@@ -123,8 +132,8 @@ def test_bad_inputs():
         pack_bits(np.array([4], np.uint8), 2)
     with pytest.raises(TypeError, match="codes must be uint8"):
         pack_bits(np.array([1], np.int64), 2)
-    with pytest.raises(ValueError, match="bits must be 1, 2, 4 or 8"):
-        pack_bits(np.array([1], np.uint8), 3)
+    with pytest.raises(ValueError, match=r"bits must be an int in \[1, 8\]"):
+        pack_bits(np.array([1], np.uint8), 9)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         fake_quantize_ste(x, 4)
 
