@@ -37,9 +37,11 @@ that n * L_hi is exact,
     (8) t = (x - n L_hi) - n L_lo,   m = exp(t) ~= p(t)  (a polynomial on |t| <= ln2 / 2)
 
 Backends: ``"numpy"`` (readable reference; libm exp; pass 1 streams over blocks of columns with (5)),
-``"numba"`` (row-parallel kernels that work on chunks of ``_CHUNK`` elements held in L1: the exponent
-of (3) in float64, the polynomial p of (8) in x's dtype, 2^d built from its bits and flushed to 0 below
-the smallest normal number, as XNNPACK does), ``"torch"`` (vectorised, device-agnostic,
+``"numba"`` (row-parallel kernels that work on chunks of ``_CHUNK`` elements held in L1, all in x's
+dtype: the reduction (8) with Cephes' float32 split of ln 2 (n * L_hi exact for |x| < 2.2e4) or
+fdlibm's float64 split, the polynomial p of (8) (XNNPACK's degree-5 minimax for float32, Taylor to
+degree 12 for float64), 2^d built from its bits and flushed to 0 below the smallest normal number,
+as XNNPACK does), ``"torch"`` (vectorised, device-agnostic,
 differentiable by autograd). ``"auto"`` picks torch for tensors and numba for arrays.
 
 ``xnnpack_*``: an own NumPy float32 emulation of XNNPACK's AVX2 microkernels
@@ -50,7 +52,8 @@ the horizontal sum order ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).
 
 Inputs with -inf (masks): the numpy/numba/torch backends give exp(-inf) = 0 exactly; XNNPACK's
 kernels (and their emulation) return NaN for the whole row (t = -inf - (-inf)). NaN or +inf inputs
-give NaN rows (not checked: a check would cost the pass the algorithm saves).
+give NaN rows (not checked: a check would cost the pass the algorithm saves). The numba kernels
+keep n as int32, clamped to +-2^29: inputs beyond |x| ~ 3.7e8 lose accuracy there.
 """
 from __future__ import annotations
 
@@ -172,103 +175,160 @@ def _three_pass_numpy(x2: np.ndarray, variant: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- numba kernels
+# Exponents n are kept as int32 (integer max reductions and shifts vectorise; float max does not).
+# n is clamped to +-_NBIG: -_NBIG stands for exp(-inf) = 0 (any n - ref <= -bias flushes to 0).
+_NBIG = 1 << 29
+
+
 @njit(cache=True)
-def _reduce(z):
-    """Eq. (3)/(8) for one float64 z: (n, t) with exp(z) = exp(t) 2^n. Compiled without fastmath
-    so that LLVM keeps the Cody-Waite order; -inf gives (n, t) = (-inf, 0)."""
-    n = math.floor(z * LOG2E + 0.5)
-    t = (z - n * LN2_HI) - n * LN2_LO
-    if z == -np.inf:
-        t = 0.0
-    return n, t
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _chunk_extexp(xr, start, k, shift, c, nb, tb, pb):
-    """For z_j = x[start+j] - shift, j < k: nb[j] = n_j (float64), pb[j] = p(t_j) ~= m_j (x's dtype).
-    Each loop has a fixed shape, so LLVM vectorises it."""
-    T = pb.dtype.type
-    for j in range(k):
-        n, t = _reduce(np.float64(xr[start + j]) - shift)
-        nb[j] = n
-        tb[j] = T(t)
-    c0 = c[0]
-    for j in range(k):
-        pb[j] = c0
-    for i in range(1, c.shape[0]):                      # Horner, one coefficient at a time
-        ci = c[i]
+def _chunk_extexp(xs, k, shift, c, ln2_hi, ln2_lo, nb, pb):
+    """For z_j = xs[j] - shift, j < k (xs: a zero-based slice of the row, so that indexing needs
+    no wrap-around check and the loop vectorises), in x's dtype T: nb[j] = n_j (int32) and pb[j] = p(t_j)
+    ~= m_j (eqs. 3, 8), Horner in registers. One elementwise loop of fixed shape, which LLVM
+    vectorises; compiled *without* fastmath so that the Cody-Waite order (z - n L_hi) - n L_lo is
+    kept. z = -inf gives (n, t) = (-_NBIG, 0), i.e. exp(z) = 1 * 2^-big = 0."""
+    T = xs.dtype.type
+    log2e = T(LOG2E)
+    half = T(0.5)
+    zero = T(0)
+    big = T(_NBIG)
+    if c.shape[0] == 6:                                 # float32: degree 5
+        c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
         for j in range(k):
-            pb[j] = pb[j] * tb[j] + ci
+            z = xs[j] - shift
+            n = np.floor(z * log2e + half)
+            t = (z - n * ln2_hi) - n * ln2_lo
+            t = t if z != -np.inf else zero
+            n = n if n > -big else -big                 # -inf (and NaN, whose t is NaN) -> -big
+            n = n if n < big else big
+            nb[j] = np.int32(n)
+            pb[j] = ((((c0 * t + c1) * t + c2) * t + c3) * t + c4) * t + c5
+    else:                                               # float64: degree 12
+        d0, d1, d2, d3, d4, d5, d6 = c[0], c[1], c[2], c[3], c[4], c[5], c[6]
+        d7, d8, d9, d10, d11, d12 = c[7], c[8], c[9], c[10], c[11], c[12]
+        for j in range(k):
+            z = xs[j] - shift
+            n = np.floor(z * log2e + half)
+            t = (z - n * ln2_hi) - n * ln2_lo
+            t = t if z != -np.inf else zero
+            n = n if n > -big else -big
+            n = n if n < big else big
+            nb[j] = np.int32(n)
+            p = ((((((d0 * t + d1) * t + d2) * t + d3) * t + d4) * t + d5) * t + d6) * t + d7
+            pb[j] = ((((p * t + d8) * t + d9) * t + d10) * t + d11) * t + d12
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True)
 def _chunk_pow2_bits(nb, ref, k, eb, bias, mbits):
     """eb[j] = the bit pattern of 2^(n_j - ref) in x's dtype, or 0 when n_j - ref <= -bias
     (flush below the smallest normal number, as XNNPACK's magic-bias trick does)."""
     for j in range(k):
         e = nb[j] - ref + bias
-        e = e if e > 0.0 else 0.0                       # also maps NaN (n = ref = -inf) to 0
-        eb[j] = np.int64(e) << mbits
+        e = e if e > 0 else 0
+        eb[j] = eb.dtype.type(e) << mbits
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _row_max(xr):
-    m = xr[0]
-    for j in range(1, xr.shape[0]):
-        v = xr[j]
+@njit(cache=True)
+def _chunk_max(nb, k):
+    m = nb[0]
+    for j in range(1, k):
+        v = nb[j]
         m = v if v > m else m
     return m
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _row_two_pass(xr, yr, c, nb, tb, pb, eb, sc, bias, mbits):
-    """Both passes of the two-pass algorithm on one row; returns (S, N) of eq. (5)."""
+def _row_max(xr):
+    """max of a row with 16 independent running maxima (a float max reduction does not vectorise
+    without "nnan"; independent chains at least overlap)."""
     n = xr.shape[0]
-    T = xr.dtype.type
-    s = 0.0
-    big_n = -np.inf
-    for start in range(0, n, _CHUNK):                   # pass 1 (eq. 5), a chunk at a time
-        k = min(_CHUNK, n - start)
-        _chunk_extexp(xr, start, k, 0.0, c, nb, tb, pb)
-        cn = -np.inf
-        for j in range(k):
-            cn = nb[j] if nb[j] > cn else cn
-        _chunk_pow2_bits(nb, cn, k, eb, bias, mbits)
-        cs = T(0)
-        for j in range(k):
-            cs += pb[j] * sc[j]                         # sum of m_j 2^(n_j - N_chunk)
-        new_n = cn if cn > big_n else big_n
-        if new_n > -np.inf:
-            s = s * 2.0 ** (big_n - new_n) + np.float64(cs) * 2.0 ** (cn - new_n)   # eq. (4)
-            big_n = new_n
-    inv = T(1.0 / s)
-    for start in range(0, n, _CHUNK):                   # pass 2 (eq. 6)
-        k = min(_CHUNK, n - start)
-        _chunk_extexp(xr, start, k, 0.0, c, nb, tb, pb)
-        _chunk_pow2_bits(nb, big_n, k, eb, bias, mbits)
-        for j in range(k):
-            yr[start + j] = pb[j] * inv * sc[j]
-    return s, big_n
+    acc = np.empty(16, dtype=xr.dtype)
+    for lane in range(16):
+        acc[lane] = xr[0]
+    n16 = n - n % 16
+    for j in range(0, n16, 16):
+        blk = xr[j:j + 16]
+        for lane in range(16):
+            v = blk[lane]
+            acc[lane] = v if v > acc[lane] else acc[lane]
+    m = xr[0]
+    for lane in range(16):
+        m = acc[lane] if acc[lane] > m else m
+    for j in range(n16, n):
+        m = xr[j] if xr[j] > m else m
+    return m
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _row_three_pass(xr, yr, c, nb, tb, pb, eb, sc, bias, mbits, reload):
+def _chunk_dot(pb, sc, k):
+    """sum_j pb[j] * sc[j] in x's dtype; reassociation lets LLVM vectorise the sum."""
+    acc = pb.dtype.type(0)
+    for j in range(k):
+        acc += pb[j] * sc[j]
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _chunk_store_dot(pb, sc, k, ys):
+    """ys[j] = pb[j] * sc[j] and their sum (pass 2 of the reload variant; ys a zero-based slice)."""
+    acc = pb.dtype.type(0)
+    for j in range(k):
+        v = pb[j] * sc[j]
+        ys[j] = v
+        acc += v
+    return acc
+
+
+# The row kernels below are compiled WITHOUT fastmath: LLVM inlines _chunk_extexp into them, and a
+# fastmath caller lets it reassociate (z - n L_hi) - n L_lo into z - n (L_hi + L_lo), an error of
+# ~2e-9 n (measured: 3e-5 relative at |x| = 1e4). Only the reductions above carry reassociation.
+@njit(cache=True)
+def _row_two_pass(xr, yr, c, hi, lo, nb, pb, eb, sc, bias, mbits):
+    """Both passes of the two-pass algorithm on one row; returns (S, N) of eq. (5)."""
     n = xr.shape[0]
     T = xr.dtype.type
-    shift = np.float64(_row_max(xr))                    # pass 1
+    zero = T(0)
+    s = 0.0                                             # S in float64, N an int32
+    big_n = np.int32(-_NBIG)
+    for start in range(0, n, _CHUNK):                   # pass 1 (eq. 5), a chunk at a time
+        k = min(_CHUNK, n - start)
+        _chunk_extexp(xr[start:start + k], k, zero, c, hi, lo, nb, pb)
+        cn = _chunk_max(nb, k)                          # N of this chunk
+        _chunk_pow2_bits(nb, cn, k, eb, bias, mbits)
+        cs = _chunk_dot(pb, sc, k)                      # sum of m_j 2^(n_j - N_chunk)
+        new_n = cn if cn > big_n else big_n
+        s = s * 2.0 ** np.float64(big_n - new_n) + np.float64(cs) * 2.0 ** np.float64(cn - new_n)  # (4)
+        big_n = new_n
+    if big_n == -_NBIG:                                 # every entry -inf: 0/0
+        for j in range(n):
+            yr[j] = np.nan
+        return np.nan, -np.inf
+    inv = T(1.0 / s)
+    for start in range(0, n, _CHUNK):                   # pass 2 (eq. 6)
+        k = min(_CHUNK, n - start)
+        _chunk_extexp(xr[start:start + k], k, zero, c, hi, lo, nb, pb)
+        _chunk_pow2_bits(nb, big_n, k, eb, bias, mbits)
+        ys = yr[start:start + k]
+        for j in range(k):
+            ys[j] = pb[j] * inv * sc[j]
+    return s, np.float64(big_n)
+
+
+@njit(cache=True)
+def _row_three_pass(xr, yr, c, hi, lo, nb, pb, eb, sc, bias, mbits, reload):
+    n = xr.shape[0]
+    T = xr.dtype.type
+    shift = _row_max(xr)                                # pass 1
+    ref = np.int32(0)
     s = T(0)
     for start in range(0, n, _CHUNK):                   # pass 2: sum exp(x - c)
         k = min(_CHUNK, n - start)
-        _chunk_extexp(xr, start, k, shift, c, nb, tb, pb)
-        _chunk_pow2_bits(nb, 0.0, k, eb, bias, mbits)
+        _chunk_extexp(xr[start:start + k], k, shift, c, hi, lo, nb, pb)
+        _chunk_pow2_bits(nb, ref, k, eb, bias, mbits)
         if reload:
-            for j in range(k):
-                v = pb[j] * sc[j]
-                yr[start + j] = v
-                s += v
+            s += _chunk_store_dot(pb, sc, k, yr[start:start + k])
         else:
-            for j in range(k):
-                s += pb[j] * sc[j]
+            s += _chunk_dot(pb, sc, k)
     inv = T(1) / s
     if reload:                                          # pass 3 reloads y
         for j in range(n):
@@ -276,46 +336,69 @@ def _row_three_pass(xr, yr, c, nb, tb, pb, eb, sc, bias, mbits, reload):
     else:                                               # pass 3 recomputes exp(x - c)
         for start in range(0, n, _CHUNK):
             k = min(_CHUNK, n - start)
-            _chunk_extexp(xr, start, k, shift, c, nb, tb, pb)
-            _chunk_pow2_bits(nb, 0.0, k, eb, bias, mbits)
+            _chunk_extexp(xr[start:start + k], k, shift, c, hi, lo, nb, pb)
+            _chunk_pow2_bits(nb, ref, k, eb, bias, mbits)
+            ys = yr[start:start + k]
             for j in range(k):
-                yr[start + j] = pb[j] * sc[j] * inv
+                ys[j] = pb[j] * sc[j] * inv
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _softmax_numba(x, y, c, iproto, bias, mbits, mode, nblocks, s_out, n_out):
+@njit(parallel=True, cache=True)
+def _softmax_numba(x, y, c, hi, lo, nbs, pbs, ebs, scs, bias, mbits, mode, s_out, n_out):
     """mode 0: two-pass (also writes S, N per row); 1: three-pass recompute; 2: three-pass reload.
-    Rows are split into ``nblocks`` blocks, one per thread, each with its own L1 scratch."""
+    Rows are split into ``nbs.shape[0]`` blocks, one per thread; block b uses row b of the scratch
+    arrays (``scs`` is ``ebs`` viewed as x's dtype), allocated by the caller."""
     rows = x.shape[0]
+    nblocks = nbs.shape[0]
     for b in prange(nblocks):
-        nb = np.empty(_CHUNK, dtype=np.float64)
-        tb = np.empty(_CHUNK, dtype=x.dtype)
-        pb = np.empty(_CHUNK, dtype=x.dtype)
-        eb = np.empty_like(iproto)
-        sc = eb.view(x.dtype)
+        nb = nbs[b]
+        pb = pbs[b]
+        eb = ebs[b]
+        sc = scs[b]
         for r in range(b * rows // nblocks, (b + 1) * rows // nblocks):
             if mode == 0:
-                s, e = _row_two_pass(x[r], y[r], c, nb, tb, pb, eb, sc, bias, mbits)
+                s, e = _row_two_pass(x[r], y[r], c, hi, lo, nb, pb, eb, sc, bias, mbits)
                 s_out[r] = s
                 n_out[r] = e
             else:
-                _row_three_pass(x[r], y[r], c, nb, tb, pb, eb, sc, bias, mbits, mode == 2)
+                _row_three_pass(x[r], y[r], c, hi, lo, nb, pb, eb, sc, bias, mbits, mode == 2)
+
+
+@njit(cache=True)
+def _softmax_serial(x, y, c, hi, lo, nbs, pbs, ebs, scs, bias, mbits, mode, s_out, n_out):
+    """The same on the calling thread (no thread-pool wake-up: small inputs, or parallel=False)."""
+    nb = nbs[0]
+    pb = pbs[0]
+    eb = ebs[0]
+    sc = scs[0]
+    for r in range(x.shape[0]):
+        if mode == 0:
+            s, e = _row_two_pass(x[r], y[r], c, hi, lo, nb, pb, eb, sc, bias, mbits)
+            s_out[r] = s
+            n_out[r] = e
+        else:
+            _row_three_pass(x[r], y[r], c, hi, lo, nb, pb, eb, sc, bias, mbits, mode == 2)
 
 
 def _numba_consts(dtype):
     if dtype == np.float32:
-        return _P5_F32, np.zeros(_CHUNK, np.int32), np.int32(127), np.int32(23)
-    return _P12_F64, np.zeros(_CHUNK, np.int64), np.int64(1023), np.int64(52)
+        return (_P5_F32, np.float32(LN2_HI_F32), np.float32(LN2_LO_F32), np.int32, np.int32(127),
+                np.int32(23))
+    return _P12_F64, np.float64(LN2_HI), np.float64(LN2_LO), np.int64, np.int32(1023), np.int64(52)
 
 
 def _run_numba(x2: np.ndarray, mode: int, parallel: bool):
-    c, iproto, bias, mbits = _numba_consts(x2.dtype)
+    c, hi, lo, itype, bias, mbits = _numba_consts(x2.dtype)
     rows = x2.shape[0]
     y = np.empty_like(x2)
     s = np.zeros(rows)
     e = np.zeros(rows)
     nblocks = row_blocks(rows, x2.size) if parallel else 1
-    _softmax_numba(x2, y, c.astype(x2.dtype), iproto, bias, mbits, mode, nblocks, s, e)
+    nbs = np.empty((nblocks, _CHUNK), np.int32)
+    pbs = np.empty((nblocks, _CHUNK), x2.dtype)
+    ebs = np.empty((nblocks, _CHUNK), itype)
+    kernel = _softmax_numba if nblocks > 1 else _softmax_serial
+    kernel(x2, y, c, hi, lo, nbs, pbs, ebs, ebs.view(x2.dtype), bias, mbits, mode, s, e)
     return y, s, e
 
 
