@@ -74,17 +74,21 @@ def _newton_numpy(p: np.ndarray, v: np.ndarray, iters: int) -> np.ndarray:
     return v
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _newton_numba_kernel(p, v, iters):
-    for g in numba.prange(p.shape[0]):
-        pg = p[g]
+    two = p.dtype.type(2)
+    for g in range(p.shape[0]):
         vg = v[g].copy()
+        pg = p[g]
         for _ in range(iters):
-            vg = 2 * vg - np.dot(np.dot(vg, pg), vg)
+            vg = two * vg - np.dot(np.dot(vg, pg), vg)
         v[g] = vg
 
 
 def _newton_numba(p: np.ndarray, v: np.ndarray, iters: int) -> np.ndarray:
+    """All ``iters`` steps of every matrix in one compiled loop. The products are BLAS calls (``np.dot``): a
+    written-out triple loop is 3-10x slower than BLAS at m >= 32, and BLAS must not be called inside a Numba
+    ``prange`` region (OpenBLAS then warns about nested OpenMP loops and may hang), so the batch loop is serial."""
     p = np.ascontiguousarray(p)
     v = np.array(v, copy=True, order="C")
     _newton_numba_kernel(p, v, iters)
