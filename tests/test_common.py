@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import refimpl
-from refimpl._common import (assert_close, check_finite, check_floating, check_positive, compare_backends,
+from refimpl._common import (assert_close, check_betas, check_finite, check_floating, check_positive, compare_backends,
                              load_golden, max_errors, resolve_backend, save_golden, time_call, timing_table)
 from refimpl._common.backend import like_input, to_numpy
 from refimpl._common.data import digits_split
@@ -50,6 +50,13 @@ def test_validation_messages():
     with pytest.raises(TypeError, match="lr must be a real number"):
         check_positive("1", "lr")
     assert check_positive(2, "lr") == 2.0
+    assert check_betas((0.9, np.float32(0.5))) == (0.9, 0.5)
+    with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\)"):
+        check_betas(0.9)
+    with pytest.raises(TypeError, match=r"betas\[1\] must be a real number"):
+        check_betas((0.9, "0.99"))
+    with pytest.raises(ValueError, match=r"betas\[1\] must lie in \[0, 1\), got 1.0"):
+        check_betas([0.9, 1.0])
 
 
 def test_assert_close_reports_errors():

@@ -41,6 +41,20 @@ def check_positive(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_betas(betas: Any, name: str = "betas") -> tuple[float, float]:
+    """Return Adam-style ``(beta1, beta2)`` as floats, raising unless ``betas`` is a pair of real numbers in [0, 1)."""
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {betas!r}")
+    out = []
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, numbers.Real):
+            raise TypeError(f"{name}[{i}] must be a real number, got {type(b).__name__}")
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name}[{i}] must lie in [0, 1), got {b!r}")
+        out.append(float(b))
+    return out[0], out[1]
+
+
 def check_flat_buffers(named: dict[str, Any]) -> None:
     """Raise unless every value is a 1-D floating array/tensor of the first one's type, dtype and
     length (the flat buffers of an optimizer step). ``named``: {argument name: buffer}."""

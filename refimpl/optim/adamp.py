@@ -49,7 +49,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend
 from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN
-from refimpl._common.validate import check_floating
+from refimpl._common.validate import check_betas, check_floating
 from refimpl.optim.multi_tensor import SegmentLayout, segment_axpy, segment_dot
 
 __all__ = ["ProjectionLayout", "cosine_test", "project_radial", "adamp_step", "sgdp_step", "AdamP", "SGDP"]
@@ -436,8 +436,7 @@ def adamp_step(param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, layout: Pro
     which view of each tensor passed the scale-invariance test (4) and was projected.
     """
     p = _check_buffers(layout, param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    betas = check_betas(betas)
     _check_hparams(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
                    delta=delta, wd_ratio=wd_ratio)
     t = _per_tensor(step, layout, "step")
@@ -541,8 +540,7 @@ class AdamP(_ProjectedOptimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = check_betas(betas)
         _check_hparams(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
                        delta=delta, wd_ratio=wd_ratio)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,

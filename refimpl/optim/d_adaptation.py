@@ -42,7 +42,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend
 from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN
-from refimpl._common.validate import check_flat_buffers, check_positive
+from refimpl._common.validate import check_betas, check_flat_buffers, check_positive
 from refimpl.optim.multi_tensor import SegmentLayout
 
 __all__ = ["dadapt_sgd_accumulate", "dadapt_sgd_update", "dadapt_sgd_step",
@@ -528,8 +528,7 @@ class DAdaptAdam(torch.optim.Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, decouple: bool = False,
                  use_bias_correction: bool = False, d0: float = 1e-6, growth_rate: float = math.inf,
                  backend: str = "torch"):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = check_betas(betas)
         defaults = dict(lr=check_positive(lr, "lr"),
                         betas=(_check_unit(betas[0], "betas[0]"), _check_unit(betas[1], "betas[1]")),
                         eps=check_positive(eps, "eps"), weight_decay=_check_nonneg(weight_decay, "weight_decay"),

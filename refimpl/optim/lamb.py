@@ -41,7 +41,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend
 from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN
-from refimpl._common.validate import check_positive
+from refimpl._common.validate import check_betas, check_positive
 from refimpl.optim.multi_tensor import SegmentLayout, segment_axpy, segment_sumsq
 
 __all__ = ["lamb_step", "trust_ratio", "bias_correction_factors", "Lamb", "BIAS_CORRECTIONS"]
@@ -56,13 +56,7 @@ _CHUNK = 1 << 13
 def _check_hparams(lr: float, betas: Sequence[float], eps: float, weight_decay: float,
                    clamp_value: float | None, bias_correction: str) -> tuple:
     lr = check_positive(lr, "lr")
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
-    for i, b in enumerate((b1, b2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
+    b1, b2 = check_betas(betas)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < math.inf):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \

@@ -68,7 +68,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.kernels import PARALLEL_MIN
-from refimpl._common.validate import check_floating
+from refimpl._common.validate import check_betas, check_floating
 from refimpl.quant.quantizers import dequantize_groups, quantize_groups
 
 __all__ = ["create_dynamic_map", "code_midpoints", "quantize_blockwise", "dequantize_blockwise",
@@ -601,14 +601,7 @@ def _check_common(lr: float, eps: float, weight_decay: float, betas: Sequence[fl
     for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    try:
-        b1, b2 = (float(b) for b in betas)
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair of floats, got {betas!r}") from None
-    for i, b in enumerate((b1, b2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
-    return b1, b2
+    return check_betas(betas)
 
 
 class Adam8bit(_Optimizer8bit):

@@ -297,7 +297,7 @@ def test_bad_inputs_raise(backend):
         adamp_step(z, z.copy(), z.copy(), z.copy(), lay, step=0, backend=backend)
     with pytest.raises(ValueError, match="step must be a scalar or hold one value per tensor"):
         adamp_step(z, z.copy(), z.copy(), z.copy(), lay, step=[1, 2, 3], backend=backend)
-    with pytest.raises(ValueError, match="beta2 must be in"):
+    with pytest.raises(ValueError, match=r"betas\[1\] must lie in"):
         adamp_step(z, z.copy(), z.copy(), z.copy(), lay, step=1, betas=(0.9, 1.0), backend=backend)
     with pytest.raises(ValueError, match="momentum must be in"):
         sgdp_step(z, z.copy(), z.copy(), lay, lr=0.1, momentum=1.0, backend=backend)
