@@ -152,7 +152,12 @@ def lssa_weights(scores: torch.Tensor, mask: torch.Tensor | None = None, *, d_he
     d_head = _check_int(d_head, "d_head", 1)
     mask = _check_mask(mask, scores)
     n = _key_counts(scores, mask)
-    lam = math.log(d_head) * torch.log(n.clamp_min(1))                      # (4)
+    return _lssa_rows(scores, n, mask, math.log(d_head))
+
+
+def _lssa_rows(scores, n, mask, logd):
+    """Eqs. (4)-(5) given the key counts ``n`` (broadcastable to ``scores``) and ``log d``."""
+    lam = logd * torch.log(n.clamp_min(1))                                    # (4)
     f = F.softplus(lam * scores)                                              # (5) numerator
     if mask is not None:
         f = torch.where(mask, f, torch.zeros((), dtype=f.dtype, device=f.device))
@@ -172,6 +177,11 @@ def reweight(weights: torch.Tensor, mask: torch.Tensor | None = None, *, p: floa
     offset_rows = _check_int(offset_rows, "offset_rows", 0)
     mask = _check_mask(mask, weights)
     n = _key_counts(weights, mask)
+    return _reweight_rows(weights, n, mask, p, offset_rows)
+
+
+def _reweight_rows(weights, n, mask, p, offset_rows):
+    """Eqs. (6)-(7) given the key counts ``n``; ReLU^p evaluated as (r / max r)^p (no overflow)."""
     o = (n > offset_rows).to(weights.dtype)                                   # o_i of (6)
     r = torch.relu(n * weights - o)                                           # (7)
     if mask is not None:
@@ -423,22 +433,9 @@ def _fused_torch(q, k, v, causal, p, offset_rows, block):
         else:
             m = None
             n = torch.full((stop - start, 1), lk, dtype=q.dtype, device=q.device)
-        lam = logd * torch.log(n.clamp_min(1))
-        f = F.softplus(lam * s)
-        if m is not None:
-            f = torch.where(m, f, torch.zeros((), dtype=f.dtype, device=f.device))
-        z = f.sum(-1, keepdim=True)
-        a = f / torch.where(z > 0, z, torch.ones((), dtype=z.dtype, device=z.device))
+        a = _lssa_rows(s, n, m, logd)
         if p is not None:
-            o = (n > offset_rows).to(q.dtype)
-            r = torch.relu(n * a - o)
-            if m is not None:
-                r = torch.where(m, r, torch.zeros((), dtype=r.dtype, device=r.device))
-            rmax = r.amax(-1, keepdim=True)
-            ok = rmax > 0
-            w = (r / torch.where(ok, rmax, torch.ones((), dtype=r.dtype, device=r.device))) ** p
-            w = w / torch.where(ok, w.sum(-1, keepdim=True), torch.ones((), dtype=w.dtype, device=w.device))
-            a = torch.where(ok, w, a)
+            a = _reweight_rows(a, n, m, p, offset_rows)
         outs.append(a @ v)
     return torch.cat(outs, dim=-2)
 
