@@ -3,6 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from refimpl.models import TinyLM, TinyLMConfig
+from refimpl.models.corpus import TOKENIZER
+
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -18,3 +21,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def _random_tiny_lm(seed=0, dtype=torch.float64, **kw):
+    """A randomly initialised 2-layer TinyLM with weights larger than the init, so attention is far from uniform."""
+    torch.manual_seed(seed)
+    cfg = TinyLMConfig(**{"vocab_size": len(TOKENIZER), "d_model": 128, "n_layers": 2, "n_heads": 4,
+                          "d_ff": 256, **kw})
+    m = TinyLM(cfg).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the init, so attention is far from uniform
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+            else:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture
+def random_tiny_lm():
+    """Factory ``random_tiny_lm(seed=0, dtype=torch.float64, **config)`` of small random TinyLMs for tests."""
+    return _random_tiny_lm

@@ -13,25 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from refimpl.attention.mha import rope as book_rope
-from refimpl.models import KVCache, TinyLM, TinyLMConfig, load_tiny_lm
+from refimpl.models import KVCache, TinyLMConfig, load_tiny_lm
 from refimpl.models.corpus import TASKS, TOKENIZER, evaluate, grammar_text, make_task, training_batch
 from refimpl.models.tiny_lm import apply_rope, load_metadata
 
 TOL64 = 1e-10
-
-
-def random_model(seed=0, dtype=torch.float64, **kw) -> TinyLM:
-    torch.manual_seed(seed)
-    cfg = TinyLMConfig(**{"vocab_size": len(TOKENIZER), "d_model": 128, "n_layers": 2, "n_heads": 4,
-                          "d_ff": 256, **kw})
-    m = TinyLM(cfg).to(dtype).eval()
-    with torch.no_grad():  # larger weights than the init, so attention is far from uniform
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-            else:
-                p.uniform_(0.5, 1.5)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +25,8 @@ def trained():
     return load_tiny_lm(dtype=torch.float32)
 
 
-def test_incremental_decoding_equals_full_forward():
-    m = random_model()
+def test_incremental_decoding_equals_full_forward(random_tiny_lm):
+    m = random_tiny_lm()
     x = torch.randint(0, m.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     full = m(x)
     cache = m.new_cache()
@@ -92,8 +78,8 @@ def _reference_decode_after_keep(m, x, new_tok, sel):
     return m.lm_head(m.norm(z))[:, 0]
 
 
-def test_keep_then_decode_equals_recompute_over_kept_tokens():
-    m = random_model(seed=3)
+def test_keep_then_decode_equals_recompute_over_kept_tokens(random_tiny_lm):
+    m = random_tiny_lm(seed=3)
     g = torch.Generator().manual_seed(2)
     b, L, keep = 2, 30, 12
     x = torch.randint(0, m.cfg.vocab_size, (b, L), generator=g)
@@ -118,8 +104,8 @@ def test_keep_then_decode_equals_recompute_over_kept_tokens():
     assert int(cache.positions[0][0, 0, -1]) == L
 
 
-def test_keep_everything_is_a_no_op_and_records_queries():
-    m = random_model(seed=4)
+def test_keep_everything_is_a_no_op_and_records_queries(random_tiny_lm):
+    m = random_tiny_lm(seed=4)
     x = torch.randint(0, m.cfg.vocab_size, (1, 16))
     c1, c2 = m.new_cache(), m.new_cache(record=True)
     m(x, c1), m(x, c2)
@@ -146,8 +132,8 @@ def test_rope_relative_position_property_and_layout():
     assert torch.allclose(apply_rope(x, torch.arange(50)).norm(dim=-1), x.norm(dim=-1), atol=1e-6)
 
 
-def test_generate_is_greedy_and_calls_policy():
-    m = random_model(seed=5, dtype=torch.float32)
+def test_generate_is_greedy_and_calls_policy(random_tiny_lm):
+    m = random_tiny_lm(seed=5, dtype=torch.float32)
     x = torch.randint(0, m.cfg.vocab_size, (2, 12))
     calls = []
 
@@ -221,8 +207,8 @@ def test_export_to_transformers_llama_gives_the_same_logits(trained):
         trained.to(torch.float32)
 
 
-def test_bad_inputs_raise():
-    m = random_model(dtype=torch.float32)
+def test_bad_inputs_raise(random_tiny_lm):
+    m = random_tiny_lm(dtype=torch.float32)
     with pytest.raises(TypeError):
         m(torch.zeros(1, 4))
     with pytest.raises(TypeError):
