@@ -82,11 +82,11 @@ def val_loss(model: TinyLM, seed: int, seq_len: int, batches: int = 4, batch_siz
 
 def train_step(model: TinyLM, opt: torch.optim.Optimizer, batch: torch.Tensor, weights: torch.Tensor,
                clip: float) -> float:
-    """One AdamW step on the weighted next-token cross-entropy ``Σ w·CE / Σ w``."""
+    """One AdamW step on the weighted next-token cross-entropy ``Σ w·CE / Σ w`` (0 when no target is weighted)."""
     logits = model(batch[:, :-1])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
     w = weights[:, 1:].reshape(-1)
-    loss = (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / w.sum().clamp_min(1e-12)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
