@@ -157,7 +157,7 @@ def kv_recall(n: int, context_len: int = 256, seed: Any = 0) -> list[Example]:
         keys: set[str] = set()
         while len(keys) < n_pairs:
             keys.add("".join(rng.choice(letters, 3)))
-        keys_l = list(keys)
+        keys_l = sorted(keys)  # a set's iteration order depends on PYTHONHASHSEED
         rng.shuffle(keys_l)
         vals = [f"{v:03d}" for v in rng.integers(0, 1000, n_pairs)]
         q = int(rng.integers(n_pairs))

@@ -8,6 +8,8 @@ float operations in the same order.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
@@ -43,3 +45,15 @@ def test_one_command_equals_phase1_then_resumed_phase2(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)  # phase 2 did change the weights
     meta = json.load(open(str(tmp_path / "one.json")))
     assert meta["training"]["phase2_steps"] == 8 and len(meta["loss_curve_phase2"]) == 1
+
+
+def test_training_does_not_depend_on_the_hash_seed(tmp_path):
+    """Two processes with different PYTHONHASHSEED train bit-identical weights (the corpus must not iterate sets)."""
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = str(tmp_path / f"h{hash_seed}.safetensors")
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, SCRIPT, *TINY, "--phase2-steps", "4", "--out", out], env=env, check=True,
+                       capture_output=True)
+        outs.append(load_file(out))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
