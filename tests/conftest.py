@@ -42,3 +42,14 @@ def _random_tiny_lm(seed=0, dtype=torch.float64, **kw):
 def random_tiny_lm():
     """Factory ``random_tiny_lm(seed=0, dtype=torch.float64, **config)`` of small random TinyLMs for tests."""
     return _random_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests with one torch intra-op thread (tiny tensors: a thread pool only costs time, and a
+    busy 2-core machine makes two threads much slower); the previous count is restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -91,6 +91,21 @@ def _topk_numpy(s: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _collect_row(seg, thr, need, out_row, offset):
+    """Write, in position order, the indices of the scores above ``thr`` and of the first ``need`` equal to it."""
+    c = 0
+    for j in range(seg.shape[0]):
+        v = seg[j]
+        if v > thr:
+            out_row[c] = offset + j
+            c += 1
+        elif v == thr and need > 0:
+            out_row[c] = offset + j
+            c += 1
+            need -= 1
+
+
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _topk_row(seg, k, out_row, offset):
     n = seg.shape[0]
     buf = seg.copy()
@@ -101,16 +116,7 @@ def _topk_row(seg, k, out_row, offset):
         if part[j] > thr:
             n_gt += 1
     need = k - n_gt  # how many entries equal to the threshold are kept: the first ones
-    c = 0
-    for j in range(n):
-        v = seg[j]
-        if v > thr:
-            out_row[c] = offset + j
-            c += 1
-        elif v == thr and need > 0:
-            out_row[c] = offset + j
-            c += 1
-            need -= 1
+    _collect_row(seg, thr, need, out_row, offset)
 
 
 _RADIX_BITS = 11  # float32 rows: a histogram of the top 11 bits of the order-preserving key (2048 bins)
@@ -149,16 +155,7 @@ def _topk_row_radix(seg, k, out_row, offset, hist, cand):
         if cand[i] > thr:
             n_gt += 1
     need = k - n_gt
-    c = 0
-    for j in range(n):
-        v = seg[j]
-        if v > thr:
-            out_row[c] = offset + j
-            c += 1
-        elif v == thr and need > 0:
-            out_row[c] = offset + j
-            c += 1
-            need -= 1
+    _collect_row(seg, thr, need, out_row, offset)
 
 
 @njit(cache=True, fastmath=_FASTMATH)

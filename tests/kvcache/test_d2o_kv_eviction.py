@@ -36,13 +36,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 CHECKPOINT_SHA256 = "2327d9deaa649b73f81ce9691880a2b82f7239ff7c02cc0b75275fcbfe902278"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the tiny model runs faster on one thread (and a loaded 2-core machine makes 2 threads much slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

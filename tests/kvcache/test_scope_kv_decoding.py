@@ -22,13 +22,7 @@ from refimpl.kvcache.scope_kv_decoding import (DecodingSchedule, SCOPEPolicy, ad
                                                snapkv_prefill_scores)
 from refimpl.models.tiny_lm import KVCache
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread is ~10x faster than a pool on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "scope_kv_decoding"

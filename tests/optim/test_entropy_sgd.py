@@ -34,13 +34,7 @@ MODES = [dict(momentum=0.0), dict(momentum=0.9, nesterov=True, weight_decay=1e-2
          dict(momentum=0.5, nesterov=False, dampening=0.1, weight_decay=1e-3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the trajectories are tiny: one intra-op thread is faster than two on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _buffers(rng, n, dtype):
