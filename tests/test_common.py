@@ -125,3 +125,19 @@ def test_bench_command_line(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             parse_bench_args(ap, ["--device", "cuda"])
+
+
+def test_check_int():
+    from refimpl._common import check_int
+    assert check_int(np.int64(3), "n", 1) == 3 and type(check_int(np.int64(3), "n", 1)) is int
+    assert check_int(5, "n") == 5 and check_int(8, "bits", 1, 8) == 8
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        check_int(True, "n", 0)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        check_int(2.0, "n", 0)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        check_int(0, "n", 1)
+    with pytest.raises(ValueError, match=r"bits must be in \[1, 8\], got 9"):
+        check_int(9, "bits", 1, 8)
+    with pytest.raises(ValueError, match=r"bits must be in \[1, 8\], got 0"):
+        check_int(0, "bits", 1, 8)

@@ -41,6 +41,19 @@ def check_positive(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an ``int``; ``TypeError`` unless it is an integer (``bool`` is not), ``ValueError``
+    unless ``minimum ≤ value`` (and ``value ≤ maximum`` when given)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    low = minimum is not None and value < minimum
+    if maximum is not None and (low or value > maximum):
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    if low:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_betas(betas: Any, name: str = "betas") -> tuple[float, float]:
     """Return Adam-style ``(beta1, beta2)`` as floats, raising unless ``betas`` is a pair of real numbers in [0, 1)."""
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:

@@ -63,7 +63,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.kernels import FASTMATH as _FASTMATH, PARALLEL_MIN
-from refimpl._common.validate import check_finite, check_floating
+from refimpl._common.validate import check_finite, check_floating, check_int
 from refimpl.attention.mha import softmax_weights
 
 __all__ = ["cosine_scores", "length_scale", "lssa_weights", "reweight", "lssar_weights", "lssa_weight_fn",
@@ -74,14 +74,6 @@ OFFSET_ROWS = 3       # rows with N_i <= 3 use the offset o_i = 0 (paper: "first
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_p(p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number, got {type(p).__name__}")
@@ -130,7 +122,7 @@ def cosine_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def length_scale(n_keys: Any, d_head: int) -> Any:
     """Eq. (4): ``λ = log(d) · log(N)`` for ``N`` keys seen (int, array or tensor, N >= 1)."""
-    d_head = _check_int(d_head, "d_head", 1)
+    d_head = check_int(d_head, "d_head", 1)
     if isinstance(n_keys, torch.Tensor):
         return math.log(d_head) * torch.log(n_keys)
     if isinstance(n_keys, numbers.Real) and not isinstance(n_keys, bool):
@@ -149,7 +141,7 @@ def lssa_weights(scores: torch.Tensor, mask: torch.Tensor | None = None, *, d_he
     ``mask``: boolean, True = attend, broadcastable to the scores. Each row sums to 1 over its visible keys;
     a row that sees no key is all zero. Differentiable (autograd)."""
     _check_scores(scores)
-    d_head = _check_int(d_head, "d_head", 1)
+    d_head = check_int(d_head, "d_head", 1)
     mask = _check_mask(mask, scores)
     n = _key_counts(scores, mask)
     return _lssa_rows(scores, n, mask, math.log(d_head))
@@ -174,7 +166,7 @@ def reweight(weights: torch.Tensor, mask: torch.Tensor | None = None, *, p: floa
     mean (uniform rows) are returned unchanged, as are rows that see no key (all zero)."""
     _check_scores(weights, "weights")
     p = _check_p(p)
-    offset_rows = _check_int(offset_rows, "offset_rows", 0)
+    offset_rows = check_int(offset_rows, "offset_rows", 0)
     mask = _check_mask(mask, weights)
     n = _key_counts(weights, mask)
     return _reweight_rows(weights, n, mask, p, offset_rows)
@@ -202,10 +194,10 @@ def lssar_weights(scores: torch.Tensor, mask: torch.Tensor | None = None, *, d_h
 def lssa_weight_fn(d_head: int, p: float | None = None, offset_rows: int = OFFSET_ROWS) -> Callable:
     """A ``weight_fn`` for :func:`refimpl.attention.mha.attention` / ``MultiHeadAttention``: LSSA when
     ``p is None``, LSSAR with power ``p`` otherwise. Use it with ``score_fn=cosine_scores``."""
-    d_head = _check_int(d_head, "d_head", 1)
+    d_head = check_int(d_head, "d_head", 1)
     if p is None:
         return partial(lssa_weights, d_head=d_head)
-    return partial(lssar_weights, d_head=d_head, p=_check_p(p), offset_rows=_check_int(offset_rows, "offset_rows", 0))
+    return partial(lssar_weights, d_head=d_head, p=_check_p(p), offset_rows=check_int(offset_rows, "offset_rows", 0))
 
 
 def set_lssa_weights(model: torch.nn.Module, p: float | None) -> int:
@@ -478,8 +470,8 @@ def fused_lssa_attention(q: Any, k: Any, v: Any, *, causal: bool = True, p: floa
                          f"Lk={k.shape[-2]}")
     if p is not None:
         p = _check_p(p)
-    offset_rows = _check_int(offset_rows, "offset_rows", 0)
-    block = _check_int(block, "block", 1)
+    offset_rows = check_int(offset_rows, "offset_rows", 0)
+    block = check_int(block, "block", 1)
     backend = resolve_backend(backend, q)
     if backend == "torch":
         qt = to_torch(q)

@@ -55,6 +55,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import resolve_backend, to_numpy
 from refimpl._common.kernels import FASTMATH, row_blocks
+from refimpl._common.validate import check_int
 from refimpl.kvcache.eviction import CachePolicy, select_keep
 from refimpl.models.tiny_lm import KVCache
 
@@ -65,12 +66,6 @@ FORMULAS = ("official", "paper")
 
 
 # ------------------------------------------------------------------------------------------ validation
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
         raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
@@ -415,9 +410,9 @@ def d2o_compress(keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
     if values.shape != keys.shape or scores.shape != keys.shape[:3]:
         raise ValueError(f"keys, values (B, H, T, d) and scores (B, H, T) disagree: {tuple(keys.shape)}, "
                          f"{tuple(values.shape)}, {tuple(scores.shape)}")
-    n_hh = _check_count("n_hh", n_hh, 0)
-    n_recent = _check_count("n_recent", n_recent, 0)
-    n_sink = _check_count("n_sink", n_sink, 0)
+    n_hh = check_int(n_hh, "n_hh", 0)
+    n_recent = check_int(n_recent, "n_recent", 0)
+    n_sink = check_int(n_sink, "n_sink", 0)
     if n_hh + n_recent < 1:
         raise ValueError("n_hh + n_recent must be ≥ 1")
     if formula not in FORMULAS:
@@ -485,7 +480,7 @@ class D2OPolicy(CachePolicy):
                  merge: bool = True, layer_budgets: str = "variance", official: bool = False, n_sink: int = 4,
                  formula: str = "official", backend: str = "auto"):
         super().__init__()
-        self.budget = _check_count("budget", budget, 2)
+        self.budget = check_int(budget, "budget", 2)
         self.recent_fraction = _check_float("recent_fraction", recent_fraction, 0.0, 1.0)
         self.alpha = _check_float("alpha", alpha, 0.0, 1.0)
         self.beta = _check_float("beta", beta, 0.0, 1.0)
@@ -495,7 +490,7 @@ class D2OPolicy(CachePolicy):
             raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
         resolve_backend(backend, torch.zeros(1))
         self.merge, self.official, self.layer_budgets = bool(merge), bool(official), layer_budgets
-        self.n_sink = _check_count("n_sink", n_sink, 0)
+        self.n_sink = check_int(n_sink, "n_sink", 0)
         self.formula, self.backend = formula, backend
         self._ratios: tuple[float, float] | None = None
 

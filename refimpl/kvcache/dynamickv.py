@@ -44,7 +44,7 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
-from refimpl._common.validate import check_floating
+from refimpl._common.validate import check_floating, check_int
 from refimpl.kvcache.eviction import CachePolicy
 from refimpl.models.tiny_lm import KVCache
 
@@ -56,12 +56,6 @@ POOLINGS = ("avgpool", "maxpool")
 
 
 # ----------------------------------------------------------------------------- validation
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_scoring(q: Any, k: Any, window: int, kernel_size: int, pooling: str) -> None:
     check_floating(q, "q")
     check_floating(k, "k")
@@ -72,12 +66,12 @@ def _check_scoring(q: Any, k: Any, window: int, kernel_size: int, pooling: str) 
         raise ValueError(f"q and k must agree in B, H and d, got {tuple(q.shape)} and {tuple(k.shape)}")
     if type(q) is not type(k) or q.dtype != k.dtype:
         raise TypeError("q and k must be of the same array type and dtype")
-    _int("window", window, 1)
+    check_int(window, "window", 1)
     if q.shape[2] < window:
         raise ValueError(f"q must hold at least window={window} queries, got {q.shape[2]}")
     if k.shape[2] <= window:
         raise ValueError(f"k must hold more than window={window} keys, got {k.shape[2]}")
-    _int("kernel_size", kernel_size, 1)
+    check_int(kernel_size, "kernel_size", 1)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd (same-length pooling), got {kernel_size}")
     if pooling not in POOLINGS:
@@ -279,7 +273,7 @@ def global_topk_counts(scores: Any, k: int, backend: str = "auto") -> np.ndarray
     before the division by ``n``). ``k`` larger than the number of entries selects everything (as the
     official ``try/except`` around ``torch.topk``). Returns int64 ``(n,)``."""
     check_floating(scores, "scores")
-    _int("k", k, 0)
+    check_int(k, "k", 0)
     if scores.ndim < 2:
         raise ValueError(f"scores must have shape (n_layers, ...), got {tuple(scores.shape)}")
     be = resolve_backend(backend, scores)
@@ -407,9 +401,9 @@ def dynamickv_select(scores: Sequence[Any], window: int, max_capacity_prompt: in
     """
     if not isinstance(scores, (list, tuple)) or not scores:
         raise TypeError("scores must be a non-empty list of (B, H, N) arrays, one per layer")
-    _int("window", window, 1)
-    _int("max_capacity_prompt", max_capacity_prompt, window + 1)
-    _int("m", m, 1)
+    check_int(window, "window", 1)
+    check_int(max_capacity_prompt, "max_capacity_prompt", window + 1)
+    check_int(m, "m", 1)
     if not isinstance(radio_max, (int, float)) or isinstance(radio_max, bool) or radio_max <= 0:
         raise ValueError(f"radio_max must be a positive number, got {radio_max!r}")
     be = resolve_backend(backend, scores[0])
@@ -471,11 +465,11 @@ class _WindowScoredPolicy(CachePolicy):
 
     def __init__(self, budget: int, window: int | None = None, kernel_size: int = 7, pooling: str = "avgpool"):
         super().__init__()
-        self.budget = _int("budget", budget, 2)
-        self.window = min(8, budget // 2) if window is None else _int("window", window, 1)
+        self.budget = check_int(budget, "budget", 2)
+        self.window = min(8, budget // 2) if window is None else check_int(window, "window", 1)
         if self.window >= self.budget:
             raise ValueError(f"window must be smaller than budget, got window={self.window}, budget={budget}")
-        self.kernel_size = _int("kernel_size", kernel_size, 1)
+        self.kernel_size = check_int(kernel_size, "kernel_size", 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if pooling not in POOLINGS:
@@ -519,7 +513,7 @@ class DynamicKVPolicy(_WindowScoredPolicy):
         if not isinstance(radio_max, (int, float)) or isinstance(radio_max, bool) or radio_max <= 0:
             raise ValueError(f"radio_max must be a positive number, got {radio_max!r}")
         self.radio_max = radio_max
-        self.m = _int("m", m, 1)
+        self.m = check_int(m, "m", 1)
         self.last_selection: DynamicKVSelection | None = None
 
     def _kept(self, scores: list[torch.Tensor]) -> list[np.ndarray]:
@@ -565,7 +559,7 @@ class PyramidKVPolicy(_AllocatedPolicy):
     def __init__(self, budget: int, window: int | None = None, kernel_size: int = 7, pooling: str = "avgpool",
                  beta: int = 20):
         super().__init__(budget, window, kernel_size, pooling)
-        self.beta = _int("beta", beta, 1)
+        self.beta = check_int(beta, "beta", 1)
 
     def budgets(self, n_layers: int, n: int) -> list[int]:
         return pyramid_budgets(self.budget - self.window, n_layers, n, self.beta)

@@ -29,19 +29,12 @@ the ``n`` most recent tokens.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from refimpl._common.validate import check_int
 from refimpl.models.tiny_lm import KVCache
 
 __all__ = ["select_keep", "CachePolicy", "FullCache", "SlidingWindow", "H2O"]
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
-    return value
 
 
 def select_keep(scores: torch.Tensor, budget: int, n_recent: int = 0, n_sink: int = 0) -> torch.Tensor:
@@ -64,9 +57,9 @@ def select_keep(scores: torch.Tensor, budget: int, n_recent: int = 0, n_sink: in
         raise ValueError(f"scores must have shape (B, H, T), got {tuple(scores.shape)}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    _check_count("budget", budget, 1)
-    _check_count("n_recent", n_recent, 0)
-    _check_count("n_sink", n_sink, 0)
+    check_int(budget, "budget", 1)
+    check_int(n_recent, "n_recent", 0)
+    check_int(n_sink, "n_sink", 0)
     if n_recent + n_sink > budget:
         raise ValueError(f"n_recent + n_sink must not exceed budget, got {n_recent} + {n_sink} > {budget}")
     b, h, t = scores.shape
@@ -122,8 +115,8 @@ class SlidingWindow(CachePolicy):
 
     def __init__(self, budget: int, n_sink: int = 4):
         super().__init__()
-        self.budget = _check_count("budget", budget, 1)
-        self.n_sink = _check_count("n_sink", n_sink, 0)
+        self.budget = check_int(budget, "budget", 1)
+        self.n_sink = check_int(n_sink, "n_sink", 0)
         if n_sink > budget:
             raise ValueError(f"n_sink must not exceed budget, got {n_sink} > {budget}")
 
@@ -146,8 +139,8 @@ class H2O(CachePolicy):
 
     def __init__(self, budget: int, n_recent: int | None = None):
         super().__init__()
-        self.budget = _check_count("budget", budget, 1)
-        self.n_recent = budget // 2 if n_recent is None else _check_count("n_recent", n_recent, 0)
+        self.budget = check_int(budget, "budget", 1)
+        self.n_recent = budget // 2 if n_recent is None else check_int(n_recent, "n_recent", 0)
         if self.n_recent > budget:
             raise ValueError(f"n_recent must not exceed budget, got {self.n_recent} > {budget}")
         self.scores: list[torch.Tensor | None] = []

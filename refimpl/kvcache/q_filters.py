@@ -48,8 +48,8 @@ from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy
 from refimpl._common.kernels import FASTMATH as _FASTMATH, row_blocks
-from refimpl._common.validate import check_finite, check_floating
-from refimpl.kvcache.eviction import CachePolicy, _check_count, select_keep
+from refimpl._common.validate import check_finite, check_floating, check_int
+from refimpl.kvcache.eviction import CachePolicy, select_keep
 from refimpl.models.tiny_lm import KVCache, TinyLM
 
 __all__ = ["collect_queries", "q_filters", "qfilter_scores", "qfilter_select", "calibration_tokens",
@@ -105,7 +105,7 @@ def q_filters(queries: Sequence[torch.Tensor] | torch.Tensor, num_svd_samples: i
     layers = list(queries) if not isinstance(queries, torch.Tensor) else list(queries.unbind(0))
     if not layers:
         raise ValueError("queries must hold at least one layer")
-    _check_count("num_svd_samples", num_svd_samples, 1)
+    check_int(num_svd_samples, "num_svd_samples", 1)
     gen = None
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -120,7 +120,7 @@ def q_filters(queries: Sequence[torch.Tensor] | torch.Tensor, num_svd_samples: i
             raise ValueError(f"queries[{i}] must have shape (H, N, d_h) with N ≥ 1, got {tuple(q.shape)}")
         check_finite(q, f"queries[{i}]")
         h, n, d = q.shape
-        kv = h if n_kv_heads is None else _check_count("n_kv_heads", n_kv_heads, 1)
+        kv = h if n_kv_heads is None else check_int(n_kv_heads, "n_kv_heads", 1)
         if h % kv:
             raise ValueError(f"n_kv_heads={kv} must divide the number of query heads {h}")
         if gen is not None:
@@ -141,8 +141,8 @@ def calibration_tokens(n_sequences: int = 16, seq_len: int = 256, seed: int = 20
     """Seeded calibration text from the model's own corpus (grammar text and task prompts, packed as in
     training), ``(n_sequences, seq_len)`` int64. Uses a seed distinct from the evaluation prompts' (1234)."""
     from refimpl.models.corpus import training_batch
-    _check_count("n_sequences", n_sequences, 1)
-    _check_count("seq_len", seq_len, 2)
+    check_int(n_sequences, "n_sequences", 1)
+    check_int(seq_len, "seq_len", 2)
     return training_batch(np.random.default_rng(seed), n_sequences, seq_len)[:, :seq_len]
 
 
@@ -275,9 +275,9 @@ class QFilterPolicy(CachePolicy):
             raise ValueError(f"filters must have shape (n_layers, H, d_h), got {tuple(filters.shape)}")
         check_finite(filters, "filters")
         self.filters = filters.detach()
-        self.budget = _check_count("budget", budget, 1)
-        self.n_recent = budget // 8 if n_recent is None else _check_count("n_recent", n_recent, 0)
-        self.n_sink = _check_count("n_sink", n_sink, 0)
+        self.budget = check_int(budget, "budget", 1)
+        self.n_recent = budget // 8 if n_recent is None else check_int(n_recent, "n_recent", 0)
+        self.n_sink = check_int(n_sink, "n_sink", 0)
         if self.n_recent + self.n_sink > budget:
             raise ValueError(f"n_recent + n_sink must not exceed budget, got {self.n_recent} + {self.n_sink} > {budget}")
         self.backend = resolve_backend(backend, self.filters)

@@ -48,6 +48,7 @@ from numba import njit, prange
 from refimpl._common.backend import like_input, resolve_backend, to_numpy
 from refimpl._common.kernels import FASTMATH as _FASTMATH
 from refimpl._common.kernels import PARALLEL_MIN
+from refimpl._common.validate import check_int
 from refimpl.kvcache.eviction import CachePolicy
 from refimpl.models.tiny_lm import KVCache
 
@@ -60,12 +61,6 @@ DECODING_METRICS = ("none", "slide", "adaptive", "discontinuous", "unified")
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_scores(scores: Any) -> None:
     if isinstance(scores, torch.Tensor):
         if not scores.is_floating_point():
@@ -219,11 +214,11 @@ def heavy_hitter_topk(scores: Any, start: int, stop: int, k: int, backend: str =
     """
     _check_scores(scores)
     t = scores.shape[-1]
-    start = _int("start", start, 0)
-    stop = _int("stop", stop, start)
+    start = check_int(start, "start", 0)
+    stop = check_int(stop, "stop", start)
     if stop > t:
         raise ValueError(f"stop must be <= T={t}, got {stop}")
-    k = _int("k", k, 0)
+    k = check_int(k, "k", 0)
     if k > stop - start:
         raise ValueError(f"k must be <= stop - start = {stop - start}, got {k}")
     backend = resolve_backend(backend, scores)
@@ -294,7 +289,7 @@ def h2o_prefill_scores(q: torch.Tensor, keys: torch.Tensor, window: int, causal:
     l = keys.shape[2]
     if q.shape[2] != l:
         raise ValueError(f"q and keys must both hold the L={l} prompt tokens, got {q.shape[2]} queries")
-    window = _int("window", window, 1)
+    window = check_int(window, "window", 1)
     if window >= l:
         raise ValueError(f"window must be < L={l}, got {window}")
     logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(q.shape[-1])
@@ -321,10 +316,10 @@ def snapkv_prefill_scores(q: torch.Tensor, keys: torch.Tensor, window: int, kern
     """
     _check_qk(q, keys)
     l = keys.shape[2]
-    window = _int("window", window, 1)
+    window = check_int(window, "window", 1)
     if window >= l or q.shape[2] < window:
         raise ValueError(f"window must be < L={l} and <= the number of queries {q.shape[2]}, got {window}")
-    kernel_size = _int("kernel_size", kernel_size, 1)
+    kernel_size = check_int(kernel_size, "kernel_size", 1)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
     if pooling not in ("maxpool", "avgpool"):
@@ -356,9 +351,9 @@ def prefill_keep(scores: torch.Tensor, prompt_len: int, capacity: int, window: i
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() != 3:
         raise TypeError(f"scores must be a floating (B, H, L - window) torch.Tensor, got "
                         f"{getattr(scores, 'shape', type(scores).__name__)}")
-    _int("prompt_len", prompt_len, 1)
-    capacity = _int("capacity", capacity, 2)
-    window = _int("window", window, 1)
+    check_int(prompt_len, "prompt_len", 1)
+    capacity = check_int(capacity, "capacity", 2)
+    window = check_int(window, "window", 1)
     if window >= capacity:
         raise ValueError(f"window must be < capacity={capacity}, got {window}")
     b, h = scores.shape[:2]
@@ -387,8 +382,8 @@ def decoding_keep(scores: Any, n_prefill: int, n_recent: int, k: int, unified: b
     """
     _check_scores(scores)
     b, h, t = scores.shape
-    n_prefill = _int("n_prefill", n_prefill, 0)
-    n_recent = _int("n_recent", n_recent, 0)
+    n_prefill = check_int(n_prefill, "n_prefill", 0)
+    n_recent = check_int(n_recent, "n_recent", 0)
     if n_prefill + n_recent > t:
         raise ValueError(f"n_prefill + n_recent must be <= T={t}, got {n_prefill} + {n_recent}")
     start = 0 if unified else n_prefill
@@ -405,7 +400,7 @@ def decoding_keep(scores: Any, n_prefill: int, n_recent: int, k: int, unified: b
 
 def adaptive_delta(max_new_tokens: int, decoding_budget: int, n_recent: int) -> int:
     """The official run scripts' ``delta = (n_out - r) // (W - r)`` (eq. 5), at least 1."""
-    max_new_tokens = _int("max_new_tokens", max_new_tokens, 1)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
     if decoding_budget <= n_recent:
         raise ValueError(f"decoding_budget must exceed n_recent, got {decoding_budget} <= {n_recent}")
     return max(1, (max_new_tokens - n_recent) // (decoding_budget - n_recent))
@@ -424,15 +419,15 @@ class DecodingSchedule:
         if metric not in DECODING_METRICS:
             raise ValueError(f"metric must be one of {DECODING_METRICS}, got {metric!r}")
         self.metric = metric
-        self.n_layers = _int("n_layers", n_layers, 1)
-        self.decoding_budget = _int("decoding_budget", decoding_budget, 1)
-        self.n_recent = _int("n_recent", n_recent, 0)
+        self.n_layers = check_int(n_layers, "n_layers", 1)
+        self.decoding_budget = check_int(decoding_budget, "decoding_budget", 1)
+        self.n_recent = check_int(n_recent, "n_recent", 0)
         if self.n_recent >= self.decoding_budget:
             raise ValueError(f"n_recent must be < decoding_budget={decoding_budget}, got {n_recent}")
         if metric in ("adaptive", "discontinuous"):
             if delta is None:
                 raise ValueError(f"metric {metric!r} needs delta (see adaptive_delta)")
-            delta = _int("delta", delta, 1)
+            delta = check_int(delta, "delta", 1)
         self.delta = delta
         self.reset()
 
@@ -503,28 +498,28 @@ class SCOPEPolicy(CachePolicy):
                 raise ValueError("with prefill='all' the prompt is kept whole: give decoding_budget, not budget")
             if decoding_budget is None:
                 raise ValueError("prefill='all' needs decoding_budget")
-            w = _int("decoding_budget", decoding_budget, 2)
+            w = check_int(decoding_budget, "decoding_budget", 2)
             self.capacity = None
         else:
-            budget = _int("budget", budget, 4)
-            w = max(2, budget // 4) if decoding_budget is None else _int("decoding_budget", decoding_budget, 2)
+            budget = check_int(budget, "budget", 4)
+            w = max(2, budget // 4) if decoding_budget is None else check_int(decoding_budget, "decoding_budget", 2)
             if budget - w < 2:
                 raise ValueError(f"decoding_budget must leave a prefill capacity >= 2, got {w} of {budget}")
             self.capacity = budget - w
         self.budget, self.prefill_method, self.decoding = budget, prefill, decoding
         self.decoding_budget = w
-        self.n_recent = w // 2 if n_recent is None else _int("n_recent", n_recent, 0)
+        self.n_recent = w // 2 if n_recent is None else check_int(n_recent, "n_recent", 0)
         if self.n_recent >= w:
             raise ValueError(f"n_recent must be < decoding_budget={w}, got {self.n_recent}")
         if decoding in ("adaptive", "discontinuous") and delta is None:
             if max_new_tokens is None:
                 raise ValueError(f"decoding={decoding!r} needs delta or max_new_tokens")
             delta = adaptive_delta(max_new_tokens, w, self.n_recent)
-        self.delta = None if delta is None else _int("delta", delta, 1)
-        self.prefill_window = _int("prefill_window", prefill_window, 1)
+        self.delta = None if delta is None else check_int(delta, "delta", 1)
+        self.prefill_window = check_int(prefill_window, "prefill_window", 1)
         if self.capacity is not None:
             self.prefill_window = min(self.prefill_window, max(1, self.capacity // 2))
-        self.kernel_size = _int("kernel_size", kernel_size, 1)
+        self.kernel_size = check_int(kernel_size, "kernel_size", 1)
         if pooling not in ("maxpool", "avgpool"):
             raise ValueError(f"pooling must be 'maxpool' or 'avgpool', got {pooling!r}")
         self.pooling, self.h2o_causal = pooling, bool(h2o_causal)

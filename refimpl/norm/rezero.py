@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
-from refimpl._common.validate import check_floating
+from refimpl._common.validate import check_floating, check_int
 from refimpl._common.kernels import FASTMATH as _FASTMATH
 
 __all__ = [
@@ -220,14 +220,6 @@ def rezero_update_backward(grad_out: Any, fx: Any, alpha: Any,
     return grad_out, like_input(dfx, grad_out), like_input(np.asarray(dalpha, dtype=gn.dtype), grad_out)
 
 
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_dropout(p: Any) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {p!r}")
@@ -313,10 +305,10 @@ class DeepFCNet(torch.nn.Module):
     def __init__(self, in_features: int, width: int, depth: int, out_features: int,
                  block: str = "rezero", activation: str = "relu", gain: float = math.sqrt(2.0)):
         super().__init__()
-        in_features = _check_int(in_features, "in_features")
-        width = _check_int(width, "width")
-        depth = _check_int(depth, "depth", minimum=0)
-        out_features = _check_int(out_features, "out_features")
+        in_features = check_int(in_features, "in_features", 1)
+        width = check_int(width, "width", 1)
+        depth = check_int(depth, "depth", minimum=0)
+        out_features = check_int(out_features, "out_features", 1)
         if block not in FC_BLOCKS:
             raise ValueError(f"block must be one of {FC_BLOCKS}, got {block!r}")
         if isinstance(gain, bool) or not isinstance(gain, numbers.Real) or not gain > 0:
@@ -450,9 +442,9 @@ class ReZeroTransformerEncoderLayer(torch.nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu"):
         super().__init__()
-        d_model = _check_int(d_model, "d_model")
-        nhead = _check_int(nhead, "nhead")
-        dim_feedforward = _check_int(dim_feedforward, "dim_feedforward")
+        d_model = check_int(d_model, "d_model", 1)
+        nhead = check_int(nhead, "nhead", 1)
+        dim_feedforward = check_int(dim_feedforward, "dim_feedforward", 1)
         if d_model % nhead:
             raise ValueError(f"d_model {d_model} must be divisible by nhead {nhead}")
         self.dropout_p = _check_dropout(dropout)

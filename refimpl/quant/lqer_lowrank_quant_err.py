@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.kernels import FASTMATH, row_blocks
-from refimpl._common.validate import check_finite, check_floating
+from refimpl._common.validate import check_finite, check_floating, check_int
 from refimpl.quant.quantizers import to_groups
 
 __all__ = ["mxint_quantize", "mxint_quantize_blocks", "activation_scale", "LQERFactors", "lqer_decompose",
@@ -61,14 +61,6 @@ SCALE_CLAMP_MIN = 1e-4
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_int(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return int(value)
-
-
 def _exponent_range(exponent_width: int) -> tuple[int, int]:
     bias = 2 ** (exponent_width - 1) - 1
     return -bias, 2 ** exponent_width - 1 - bias
@@ -156,8 +148,8 @@ _BLOCKS = {"numpy": _blocks_numpy, "numba": _blocks_numba, "torch": _blocks_torc
 def mxint_quantize_blocks(blocks: Any, width: int = 4, *, exponent_width: int = 8, backend: str = "auto") -> Any:
     """The critical loop alone: MXINT-quantize every row of ``blocks`` (shape ``(G, b)``, one block per
     row, float32/float64) by eq. (2). Returns ``x̂`` with the shape, dtype and type of ``blocks``."""
-    width = _check_int(width, "width", 2, 16)
-    exponent_width = _check_int(exponent_width, "exponent_width", 2, 11)
+    width = check_int(width, "width", 2, 16)
+    exponent_width = check_int(exponent_width, "exponent_width", 2, 11)
     check_floating(blocks, "blocks")
     if blocks.ndim != 2:
         raise ValueError(f"blocks must be 2-D (groups, block_size), got shape {tuple(blocks.shape)}")
@@ -188,7 +180,7 @@ def mxint_quantize(x: Any, width: int = 4, block_size: int = 16, *, axis: int = 
         ``x̂`` with ``x``'s shape, dtype and type (and device).
     """
     check_floating(x, "x")
-    block_size = _check_int(block_size, "block_size", 1, 1 << 30)
+    block_size = check_int(block_size, "block_size", 1, 1 << 30)
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension, got a scalar")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
@@ -280,9 +272,9 @@ def lqer_decompose(weight: Any, rank: int, scale: Any = None, *, w_width: int = 
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     check_finite(weight, "weight")
     out_f, in_f = weight.shape
-    rank = _check_int(rank, "rank", 1, min(in_f, out_f))
+    rank = check_int(rank, "rank", 1, min(in_f, out_f))
     if ab_width is not None:
-        _check_int(ab_width, "ab_width", 2, 16)
+        check_int(ab_width, "ab_width", 2, 16)
     w = to_torch(weight).detach()
     if scale is not None:
         check_floating(scale, "scale")
@@ -328,11 +320,11 @@ class LQERLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  act_width: int | None = None, block_size: int = 16, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features", 1, 1 << 30)
-        self.out_features = _check_int(out_features, "out_features", 1, 1 << 30)
-        self.rank = _check_int(rank, "rank", 1, min(in_features, out_features))
-        self.act_width = None if act_width is None else _check_int(act_width, "act_width", 2, 16)
-        self.block_size = _check_int(block_size, "block_size", 1, 1 << 30)
+        self.in_features = check_int(in_features, "in_features", 1, 1 << 30)
+        self.out_features = check_int(out_features, "out_features", 1, 1 << 30)
+        self.rank = check_int(rank, "rank", 1, min(in_features, out_features))
+        self.act_width = None if act_width is None else check_int(act_width, "act_width", 2, 16)
+        self.block_size = check_int(block_size, "block_size", 1, 1 << 30)
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=dtype))
         self.register_buffer("A", torch.zeros(in_features, rank, dtype=dtype))
         self.register_buffer("B", torch.zeros(rank, out_features, dtype=dtype))

@@ -54,7 +54,7 @@ from torch import nn
 
 from refimpl._common.backend import like_input, resolve_backend, to_numpy, to_torch
 from refimpl._common.kernels import FASTMATH, row_blocks
-from refimpl._common.validate import check_finite, check_floating
+from refimpl._common.validate import check_finite, check_floating, check_int
 from refimpl.quant.quantizers import _check_bits, quantize_groups
 
 __all__ = ["HessianAccumulator", "qep_correct", "gptq_minmax_params", "gptq_quantize", "gptq_sweep", "rtn_minmax",
@@ -89,14 +89,6 @@ def _check_nonneg(value: Any, name: str) -> float:
     return float(value)
 
 
-def _check_int(value: Any, name: str, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return int(value)
-
-
 # ----------------------------------------------------------------------------------------------
 # statistics, eq. (6)
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +103,7 @@ class HessianAccumulator:
     """
 
     def __init__(self, d: int):
-        self.d = _check_int(d, "d")
+        self.d = check_int(d, "d", 1)
         self.H: Any = None
         self.H_delta: Any = None
         self.nsamples = 0
@@ -375,7 +367,7 @@ def gptq_sweep(W: Any, U: Any, scale: Any, zero: Any, bits: int, *, blocksize: i
     _check_matrix(W, "W")
     _check_hessian(U, W, "U")
     _check_bits(bits, 1, 16)
-    blocksize = _check_int(blocksize, "blocksize")
+    blocksize = check_int(blocksize, "blocksize", 1)
     for name, a in (("scale", scale), ("zero", zero)):
         if tuple(a.shape) != (W.shape[0], 1):
             raise ValueError(f"{name} must have shape ({W.shape[0]}, 1), got {tuple(a.shape)}")
@@ -411,7 +403,7 @@ def gptq_quantize(W: Any, H: Any, bits: int, *, blocksize: int = 128, percdamp: 
     _check_matrix(W, "W")
     _check_hessian(H, W, "H")
     _check_bits(bits, 1, 16)
-    blocksize = _check_int(blocksize, "blocksize")
+    blocksize = check_int(blocksize, "blocksize", 1)
     percdamp = _check_nonneg(percdamp, "percdamp")
     b = resolve_backend(backend, W)
     scale, zero = gptq_minmax_params(W, bits, backend="torch" if isinstance(W, torch.Tensor) else "numpy")

@@ -97,14 +97,14 @@ def test_h2o_needs_a_recording_cache(random_tiny_lm):
         m.generate(x, 2, cache=m.new_cache(), policy=H2O(budget=4))
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: SlidingWindow(budget=0), "budget"),
-    (lambda: SlidingWindow(budget=4, n_sink=5), "n_sink"),
-    (lambda: H2O(budget=4, n_recent=5), "n_recent"),
-    (lambda: H2O(budget=2.5), "budget"),
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: SlidingWindow(budget=0), ValueError, "budget must be >= 1"),
+    (lambda: SlidingWindow(budget=4, n_sink=5), ValueError, "n_sink"),
+    (lambda: H2O(budget=4, n_recent=5), ValueError, "n_recent"),
+    (lambda: H2O(budget=2.5), TypeError, "budget must be an int"),
 ])
-def test_bad_policy_arguments(make, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_policy_arguments(make, exc, match):
+    with pytest.raises(exc, match=match):
         make()
 
 

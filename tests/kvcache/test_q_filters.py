@@ -235,11 +235,11 @@ def test_bad_inputs():
         q_filters([torch.randn(10, 8)])
     with pytest.raises(ValueError, match=r"queries\[0\] contains NaN"):
         q_filters([torch.full((2, 5, 4), float("nan"))])
-    with pytest.raises(ValueError, match="num_svd_samples must be an integer"):
+    with pytest.raises(ValueError, match="num_svd_samples must be >= 1"):
         q_filters([torch.randn(2, 5, 4)], num_svd_samples=0)
     with pytest.raises(ValueError, match=r"filters must have shape \(n_layers, H, d_h\)"):
         QFilterPolicy(torch.zeros(2, 4), 8)
-    with pytest.raises(ValueError, match="budget must be an integer"):
+    with pytest.raises(ValueError, match="budget must be >= 1"):
         QFilterPolicy(torch.zeros(1, 2, 4), 0)
     with pytest.raises(ValueError, match="n_recent \\+ n_sink must not exceed budget"):
         QFilterPolicy(torch.zeros(1, 2, 4), 8, n_recent=6, n_sink=4)
